@@ -1,0 +1,189 @@
+"""Hyperparameter files: YAML -> a method's frozen ``Params`` dataclass.
+
+One loader for every method.  Unknown keys and wrong types are errors that name the
+file and the key, all reported at once.  An EasyEdit hparams YAML is accepted unchanged:
+its keys are translated (``EASYEDIT_KEYS``), its module-path templates are checked
+against the model's architecture adapter, and its bookkeeping keys are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kedit.paths import configs_dir
+
+
+class ConfigError(ValueError):
+    """A hyperparameter file that cannot be used (one line naming file and key)."""
+
+
+# EasyEdit key -> kedit key (same meaning).  ``layers`` maps per method (see Params.from_easyedit).
+EASYEDIT_KEYS = {
+    "fact_token": "fact_token",
+    "v_num_grad_steps": "v_num_grad_steps",
+    "v_lr": "v_lr",
+    "v_loss_layer": "v_loss_layer",
+    "v_weight_decay": "v_weight_decay",
+    "clamp_norm_factor": "clamp_norm_factor",
+    "kl_factor": "kl_factor",
+    "mom2_adjustment": "mom2_adjustment",
+    "mom2_n_samples": "mom2_samples",
+    "mom2_update_weight": "mom2_update_weight",
+    "context_template_length_params": "context_template_length_params",
+}
+# EasyEdit module templates -> the adapter's module kind they must name.
+EASYEDIT_MODULE_KEYS = {
+    "rewrite_module_tmp": "mlp_out",
+    "layer_module_tmp": "block",
+    "mlp_module_tmp": "mlp",
+    "attn_module_tmp": "attn",
+    "ln_f_module": "final_norm",
+}
+# Bookkeeping keys with no effect on the science in kedit (devices, paths, dataset names).
+EASYEDIT_IGNORED = {"alg_name", "model_name", "stats_dir", "device", "model_parallel", "fp16",
+                    "mom2_dataset", "mom2_dtype", "lm_head_module", "max_length", "batch_size"}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
+        return all(_type_ok(v, args[0]) for v in value) if args else True
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def build_params(cls: type, data: dict, source: str) -> Any:
+    """Validate ``data`` against dataclass ``cls`` (all errors at once) and construct it."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    errors = []
+    for key in data:
+        if key not in fields:
+            close = [f for f in fields if f.startswith(key[:4])]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            errors.append(f"{source}: unknown key '{key}'{hint}")
+    for key, value in data.items():
+        if key in fields and not _type_ok(value, hints[key]):
+            errors.append(f"{source}: key '{key}': expected {_hint_name(hints[key])}, got {value!r}")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    try:
+        params = cls(**{k: _freeze(v) for k, v in data.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+    check = getattr(params, "check", None)
+    if check is not None:
+        problem = check()
+        if problem:
+            raise ConfigError(f"{source}: {problem}")
+    return params
+
+
+def _hint_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def is_easyedit(data: dict) -> bool:
+    return "alg_name" in data or any(k in data for k in EASYEDIT_MODULE_KEYS)
+
+
+def translate_easyedit(data: dict, source: str, adapter: Any, layer_key: str) -> dict:
+    """EasyEdit hparams dict -> kedit keys; module templates checked against the adapter."""
+    out: dict[str, Any] = {}
+    errors = []
+    layers = data.get("layers")
+    probe = layers[0] if isinstance(layers, list) and layers else 0
+    for key, value in data.items():
+        if key == "layers":
+            out[layer_key] = value[0] if layer_key == "layer" and isinstance(value, list) and len(value) == 1 else value
+        elif key in EASYEDIT_KEYS:
+            out[EASYEDIT_KEYS[key]] = value
+        elif key in EASYEDIT_MODULE_KEYS:
+            if adapter is None:
+                continue
+            kind = EASYEDIT_MODULE_KEYS[key]
+            expected = adapter.module_path(kind, probe if kind != "final_norm" else None)
+            given = str(value).replace("{}", str(probe))
+            if given != expected:
+                errors.append(f"{source}: key '{key}': '{value}' does not match this model "
+                              f"({adapter.model.config.model_type}: {expected.replace(str(probe), '{}', 1) if kind != 'final_norm' else expected})")
+        elif key in EASYEDIT_IGNORED:
+            continue
+        else:
+            errors.append(f"{source}: unknown EasyEdit key '{key}'")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    if out.get("v_loss_layer") is not None and adapter is not None and out["v_loss_layer"] == adapter.n_layers - 1:
+        out["v_loss_layer"] = -1
+    return out
+
+
+def load_params(cls: type, path: str | Path, adapter: Any = None, overrides: dict | None = None) -> Any:
+    """Read a kedit or EasyEdit hparams YAML into ``cls``; ``overrides`` win over the file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of hyperparameters")
+    if is_easyedit(data):
+        data = translate_easyedit(data, source, adapter, getattr(cls, "LAYER_KEY", "layers"))
+    data.pop("method", None)
+    return build_params(cls, {**data, **(overrides or {})}, source)
+
+
+def default_hparams_file(method: str, model_name: str, family: str) -> Path | None:
+    """``configs/methods/<method>/<model name>.yaml``, else ``<family>.yaml``."""
+    base = configs_dir() / "methods" / method
+    for stem in (model_name, family):
+        f = base / f"{stem}.yaml"
+        if f.exists():
+            return f
+    return None
+
+
+def resolve_params(method_cls: type, model_name: str, adapter: Any, hparams: str | Path | None = None,
+                   overrides: dict | None = None) -> tuple[Any, str]:
+    """The method's Params for this model, and where they came from."""
+    path = Path(hparams) if hparams else default_hparams_file(method_cls.name, model_name, adapter.spec.family)
+    if path is None:
+        raise ConfigError(f"no hyperparameters for method '{method_cls.name}' and model '{model_name}' "
+                          f"(family {adapter.spec.family}): add configs/methods/{method_cls.name}/"
+                          f"{adapter.spec.family}.yaml or pass --hparams FILE")
+    return load_params(method_cls.Params, path, adapter, overrides), str(path)

@@ -1,0 +1,198 @@
+"""Target values: the vector δ added at the fact token so the model emits ``target_new``.
+
+Written once for ROME (δ added to the MLP output projection's output at the edited
+layer) and MEMIT (δ added to the residual stream at the last edited layer).  All
+requests of a batch are optimised together: each has its own δ row and its own
+prompt rows, the loss is a sum of per-request losses (so the gradients do not mix),
+and a request that has converged leaves the batch.
+
+Loss of request i (ROME ``compute_v`` / MEMIT ``compute_z``, Meng et al. 2022/2023):
+
+    L_i = mean_r NLL(target_new | prefix_r + prompt)                 (mean token NLL per row)
+        + kl_factor · mean_j KL(P_δ(· | kl_j) ‖ P_0(· | kl_j))        (next-token distributions
+                                                                      at the fact token of the
+                                                                      "{subject} is a" prompts;
+                                                                      argument order as in the
+                                                                      reference code)
+        + weight_decay · ‖δ_i‖ / ‖v0_i‖²                             (as in the reference code)
+
+with Adam on δ, δ_i clamped to ``clamp_norm_factor · ‖v0_i‖`` after each step (v0_i:
+the module's original output at the fact token of the bare prompt), and early stop
+when L_i < ``early_stop_loss``.  Only δ requires a gradient (every weight is frozen),
+and logits are computed only at the positions that enter the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kedit.hooks import edit_output, record, run_until_stopped
+from kedit.methods.base import EditRequest
+from kedit.methods.core.keys import Row, _chunks, batch_tensors, pad_id, target_rows
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    steps: int = 20
+    lr: float = 0.5
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 5e-2
+    loss_layer: int = -1          # block whose output feeds the LM head for the loss (-1: last)
+    kl_prompts: tuple[str, ...] = ("{} is a",)
+    batch_tokens: int = 4096      # rows per forward chunk (padded tokens); gradients accumulate
+
+
+@dataclass
+class Targets:
+    delta: torch.Tensor           # (n, d) float32: the optimised δ per request
+    v0: torch.Tensor              # (n, d) float32: original output at the fact token, bare prompt
+    steps: list[int]              # gradient steps used per request
+    loss: list[float]             # final loss per request
+    nll: list[float]              # final target NLL per request
+
+
+def _loss_positions(rows: Sequence[Row]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Flattened (row, position, label, owner-row) lists for every logit the loss needs.
+
+    Rewrite rows: positions predicting each target token (label = the token).
+    KL rows: the fact token position (label -1).
+    """
+    rr, pos, lab, own = [], [], [], []
+    for j, r in enumerate(rows):
+        if r.kind == "rewrite":
+            for t in range(r.target_start, r.target_end):
+                rr.append(j), pos.append(t - 1), lab.append(r.ids[t]), own.append(j)
+        else:
+            rr.append(j), pos.append(r.lookup), lab.append(-1), own.append(j)
+    return rr, pos, lab, own
+
+
+def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequence[str], module: torch.nn.Module,
+                     position: str, opts: TargetOptions, seed: int = 0) -> Targets:
+    """Fit δ for every request at ``module``'s output (see the module docstring)."""
+    adapter, tok, model = loaded.adapter, loaded.tokenizer, loaded.model
+    device = loaded.device
+    rows = target_rows(tok, requests, templates, position, [p for p in opts.kl_prompts])
+    n = len(requests)
+    loss_layer = adapter.n_layers - 1 if opts.loss_layer < 0 else adapter.check_layer(opts.loss_layer)
+    loss_block = adapter.block(loss_layer)
+    norm, head = adapter.final_norm(), adapter.lm_head()
+    n_rewrite = torch.zeros(n)
+    n_kl = torch.zeros(n)
+    for r in rows:
+        (n_rewrite if r.kind == "rewrite" else n_kl)[r.request] += 1
+
+    def forward(chunk: Sequence[Row], delta: torch.Tensor | None):
+        """Log-probs at the loss positions of ``chunk`` (and the module output at fact tokens)."""
+        ids, mask = batch_tensors(chunk, pad_id(tok), device)
+        look = torch.tensor([r.lookup for r in chunk], device=device)
+        req = torch.tensor([r.request for r in chunk], device=device)
+        arange = torch.arange(len(chunk), device=device)
+        seen_out: dict[str, torch.Tensor] = {}
+
+        def add_delta(out: torch.Tensor) -> torch.Tensor:
+            seen_out["v"] = out[arange, look].detach()
+            if delta is None:
+                return out
+            add = torch.zeros_like(out)
+            add = add.index_put((arange, look), delta[req].to(out.dtype))
+            return out + add
+
+        with edit_output(module, add_delta), \
+                record({"h": loss_block}, inputs=False, stop_after=loss_block, detach=False) as seen:
+            run_until_stopped(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
+        rr, pos, lab, _ = _loss_positions(chunk)
+        h = seen["h"][torch.tensor(rr, device=device), torch.tensor(pos, device=device)]
+        logp = F.log_softmax(head(norm(h)).float(), dim=-1)
+        return logp, torch.tensor(rr), torch.tensor(lab), seen_out["v"]
+
+    # Initial pass (δ = 0): original outputs v0 at the bare prompt, initial KL distributions.
+    v0 = torch.zeros(n, 0)
+    kl_init: dict[int, torch.Tensor] = {}
+    first_row = {}
+    for j, r in enumerate(rows):
+        if r.kind == "rewrite" and r.request not in first_row:
+            first_row[r.request] = j
+    with torch.no_grad():
+        for start, chunk in _chunks(rows, opts.batch_tokens):
+            logp, rr, lab, v = forward(chunk, None)
+            if v0.shape[1] == 0:
+                v0 = torch.zeros(n, v.shape[-1])
+            for j, r in enumerate(chunk):
+                if first_row.get(r.request) == start + j:
+                    v0[r.request] = v[j].float().cpu()
+            for m in range(len(rr)):
+                if lab[m] < 0:
+                    kl_init[start + int(rr[m])] = logp[m].detach()
+    v0 = v0.to(device)
+    v0_norm = v0.norm(dim=1).clamp_min(1e-8)
+
+    torch.manual_seed(seed)
+    delta = torch.zeros(n, v0.shape[1], device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=opts.lr)
+    active = torch.ones(n, dtype=torch.bool)
+    steps_used = [0] * n
+    last_loss = [float("nan")] * n
+    last_nll = [float("nan")] * n
+    for it in range(opts.steps):
+        update = it < opts.steps - 1
+        idx = [j for j, r in enumerate(rows) if active[r.request]]
+        if not idx:
+            break
+        chunk_rows = [rows[j] for j in idx]
+        nll = torch.zeros(n)
+        kl = torch.zeros(n)
+        opt.zero_grad(set_to_none=False)
+        with torch.set_grad_enabled(update):
+            for start, chunk in _chunks(chunk_rows, opts.batch_tokens):
+                logp, rr, lab, _ = forward(chunk, delta)
+                owner = torch.tensor([chunk[int(j)].request for j in rr])
+                is_tok = lab >= 0
+                # NLL terms: -log p(token) / (tokens in its row · rewrite rows of its request)
+                ntok = torch.tensor([chunk[int(j)].target_end - chunk[int(j)].target_start for j in rr])
+                w_tok = (1.0 / (ntok * n_rewrite[owner])).to(device)
+                tok_lp = logp[is_tok.to(device), lab[is_tok].to(device)] if is_tok.any() else logp.new_zeros(0)
+                nll_terms = -tok_lp * w_tok[is_tok.to(device)]
+                # KL terms: KL(P_δ ‖ P_0) at the fact token of each KL row / KL rows of its request
+                kl_pos = (~is_tok).nonzero().flatten()
+                if len(kl_pos):
+                    init = torch.stack([kl_init[idx[start + int(rr[m])]] for m in kl_pos])
+                    new = logp[kl_pos.to(device)]
+                    kl_terms = (new.exp() * (new - init)).sum(-1) * opts.kl_factor / n_kl[owner[kl_pos]].to(device)
+                else:
+                    kl_terms = logp.new_zeros(0)
+                nll.index_add_(0, owner[is_tok], nll_terms.detach().cpu().float())
+                kl.index_add_(0, owner[kl_pos], kl_terms.detach().cpu().float())
+                if update:
+                    (nll_terms.sum() + kl_terms.sum()).backward()
+        wd = opts.weight_decay * delta.norm(dim=1) / v0_norm ** 2
+        if update:
+            wd[active.to(device)].sum().backward()
+        total = nll + kl + wd.detach().cpu()
+        for i in range(n):
+            if active[i]:
+                last_loss[i], last_nll[i] = float(total[i]), float(nll[i])
+        done = active & (total < opts.early_stop_loss)
+        if not update:
+            break
+        keep = (~active | done).to(device)
+        with torch.no_grad():
+            frozen = delta.detach().clone()
+            delta.grad[keep] = 0
+        opt.step()
+        with torch.no_grad():
+            delta[keep] = frozen[keep]
+            limit = opts.clamp_norm_factor * v0_norm
+            scale = (limit / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+            delta.mul_(scale[:, None])
+        for i in range(n):
+            if active[i] and not done[i]:
+                steps_used[i] += 1
+        active &= ~done
+    return Targets(delta.detach().float(), v0.float(), steps_used, last_loss, last_nll)
