@@ -96,6 +96,11 @@ class Delta:
                 params[name].copy_(orig)
         self._originals = None
 
+    @property
+    def originals(self) -> dict[str, torch.Tensor]:
+        """The weights as they were before :meth:`apply` (empty when not applied)."""
+        return dict(self._originals or {})
+
     def forget_originals(self) -> None:
         """Keep the edit for good (sequential editing): drop the saved copies."""
         self._originals = None

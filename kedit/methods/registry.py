@@ -8,7 +8,7 @@ import importlib
 from kedit.methods.base import Method
 
 # Modules that define methods; importing them runs their @register decorators.
-METHOD_MODULES = ("kedit.methods.rome", "kedit.methods.memit")
+METHOD_MODULES = ("kedit.methods.rome",)
 
 
 class Registry:

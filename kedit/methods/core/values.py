@@ -18,7 +18,10 @@ Loss of request i (ROME ``compute_v`` / MEMIT ``compute_z``, Meng et al. 2022/20
 
 with Adam on δ, δ_i clamped to ``clamp_norm_factor · ‖v0_i‖`` after each step (v0_i:
 the module's original output at the fact token of the bare prompt), and early stop
-when L_i < ``early_stop_loss``.  Only δ requires a gradient (every weight is frozen),
+once the target NLL term is below ``early_stop_loss`` (the reference code compares the
+total loss, whose KL and weight-decay floor on small models stays above the threshold
+long after the target is emitted; stopping on the NLL is the "target loss is small"
+criterion and saves most of the steps).  Only δ requires a gradient (every weight is frozen),
 and logits are computed only at the positions that enter the loss.
 """
 
@@ -178,7 +181,7 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         for i in range(n):
             if active[i]:
                 last_loss[i], last_nll[i] = float(total[i]), float(nll[i])
-        done = active & (total < opts.early_stop_loss)
+        done = active & (nll < opts.early_stop_loss)
         if not update:
             break
         keep = (~active | done).to(device)

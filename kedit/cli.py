@@ -1,0 +1,263 @@
+"""``kedit``: each command parses its arguments and calls one library function."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge editing of language models: edit, measure, compare.")
+console = Console()
+err = Console(stderr=True)
+
+ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="model name (kedit models), HF directory, .gguf file or hub id")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
+DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
+
+
+def fail(msg: str) -> None:
+    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def user_errors():
+    """Exceptions that are the user's input, reported as one line with exit status 2."""
+    from kedit.cases import CasesError
+    from kedit.config import ConfigError
+    from kedit.corpus import CorpusError
+    from kedit.models.arch import UnsupportedArchitecture
+    from kedit.models.load import ModelError
+
+    return (CasesError, ConfigError, CorpusError, ModelError, UnsupportedArchitecture)
+
+
+def _say(msg: str) -> None:
+    err.print(f"[dim]{msg}[/dim]", highlight=False)
+
+
+def _load(model: str, device: str, dtype: str):
+    from kedit.models.load import load_model
+
+    return load_model(model, device=device, dtype=dtype, progress=_say)
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"5"``, ``"3-7"``, ``"3,5,7"`` -> sorted layer list."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.update(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.add(int(part))
+    except ValueError:
+        fail(f"--layers {text!r}: expected e.g. 5, 3-7 or 3,5,7")
+    return sorted(out)
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``--set key=value`` (YAML value) -> overrides dict."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set {item!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+# --------------------------------------------------------------------------- discovery
+
+@app.command()
+def validate(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
+             fmt: str = typer.Option("auto", "--format", help="auto | kedit | easyedit | rome | zsre")):
+    """Check an edit-cases file without loading a model."""
+    from kedit.cases import validate_cases
+
+    try:
+        n, layout = validate_cases(cases, fmt)
+    except user_errors() as e:
+        fail(str(e))
+    console.print(f"{cases}: {n} cases ({layout} layout) OK")
+
+
+@app.command()
+def models():
+    """List the embedded default, the model configs in configs/models and the cached models."""
+    from kedit.models.load import DEFAULT_MODEL, model_configs
+    from kedit.paths import kedit_home
+
+    t = Table(title="models")
+    for col in ("name", "source", "description"):
+        t.add_column(col)
+    for name, cfg in model_configs().items():
+        t.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), str(cfg.get("source", "")),
+                  str(cfg.get("description", "")))
+    console.print(t)
+    cache = kedit_home() / "models"
+    cached = sorted(p for p in cache.glob("*") if (p / "config.json").exists()) if cache.exists() else []
+    console.print(f"cache {cache}: {len(cached)} converted model(s)")
+    for p in cached:
+        src = p / "kedit-source.json"
+        console.print(f"  {p.name}  {src.read_text().strip() if src.exists() else ''}", highlight=False)
+
+
+@app.command()
+def methods():
+    """List the editing methods and their hyperparameter files."""
+    from kedit.methods.registry import get_method, method_names
+    from kedit.paths import configs_dir
+
+    t = Table(title="methods")
+    for col in ("method", "description", "hparams files"):
+        t.add_column(col)
+    for name in method_names():
+        files = sorted(p.stem for p in (configs_dir() / "methods" / name).glob("*.yaml"))
+        t.add_row(name, get_method(name).description, ", ".join(files))
+    console.print(t)
+
+
+# --------------------------------------------------------------------------- statistics
+
+@app.command()
+def stats(model: str = ModelOpt,
+          layers: str = typer.Option("5", "--layers", help="e.g. 5, 3-7 or 3,5,7"),
+          samples: int = typer.Option(1000, "--samples", help="corpus texts (paragraphs)"),
+          corpus: Optional[str] = typer.Option(None, "--corpus", help=".txt or .jsonl corpus (default: shipped WikiText-2)"),
+          stats_dir: Optional[str] = typer.Option(None, "--stats-dir", help="cache directory (default ./stats or $KEDIT_STATS_DIR)"),
+          force: bool = typer.Option(False, "--force", help="recompute even if cached"),
+          max_length: int = typer.Option(1024, "--max-length", help="tokens per text (truncated)"),
+          device: str = DeviceOpt, dtype: str = DtypeOpt):
+    """Second moments E(k kᵀ) of MLP keys per layer, computed in one pass and cached."""
+    from kedit.stats import get_stats, stats_report
+
+    try:
+        loaded = _load(model, device, dtype)
+        wanted = parse_layers(layers)
+        for layer in wanted:
+            loaded.adapter.check_layer(layer)
+        get_stats(loaded, wanted, corpus=corpus, samples=samples, max_length=max_length, stats_dir=stats_dir,
+                  force=force, progress=True)
+        report = stats_report(loaded, wanted, compute=False, corpus=corpus, samples=samples,
+                              max_length=max_length, stats_dir=stats_dir)
+    except user_errors() as e:
+        fail(str(e))
+    except ValueError as e:
+        fail(str(e))
+    t = Table(title=f"statistics for {model}")
+    for col in report[0].keys():
+        t.add_column(str(col))
+    for row in report:
+        t.add_row(*[str(v) for v in row.values()])
+    console.print(t)
+
+
+# --------------------------------------------------------------------------- editing
+
+METRIC_COLUMNS = ("rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc",
+                  "efficacy_success", "paraphrase_success", "neighborhood_success")
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def print_result(result, console: Console = console) -> None:
+    cols = [c for c in METRIC_COLUMNS if any(c in r["post"] for r in result.records)]
+    t = Table(title="per case: pre → post", show_lines=False)
+    t.add_column("case")
+    for c in cols:
+        t.add_column(c.replace("_success", "").replace("_acc", " acc"), justify="center")
+    t.add_column("steps", justify="right")
+    for r in result.records:
+        cells = []
+        for c in cols:
+            a, b = r["pre"].get(c), r["post"].get(c)
+            colour = "green" if b is not None and a is not None and b > a else ("red" if b is not None and a is not None and b < a else "")
+            cells.append(f"{_fmt(a)} → [{colour}]{_fmt(b)}[/{colour}]" if colour else f"{_fmt(a)} → {_fmt(b)}")
+        t.add_row(str(r["case_id"])[:24], *cells, str(r.get("method", {}).get("steps", "")))
+    console.print(t)
+    m = result.metrics
+    a = Table(title=f"aggregate over {m['n']} cases (mean ± stderr)")
+    for col in ("metric", "pre", "post"):
+        a.add_column(col, justify="right" if col != "metric" else "left")
+    for name, pre, post in result.summary_rows():
+        se_pre = m["stderr"]["pre"].get(name)
+        se_post = m["stderr"]["post"].get(name)
+        a.add_row(name, f"{_fmt(pre)}" + (f" ± {se_pre:.2f}" if se_pre else ""),
+                  f"{_fmt(post)}" + (f" ± {se_post:.2f}" if se_post else ""))
+    console.print(a)
+
+
+@app.command()
+def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
+         method: str = typer.Option("rome", "--method", help="editing method (kedit methods)"),
+         model: str = ModelOpt,
+         hparams: Optional[Path] = typer.Option(None, "--hparams", help="hyperparameter YAML (kedit's or EasyEdit's)"),
+         set_: list[str] = typer.Option(None, "--set", help="override one hyperparameter: key=value"),
+         out: Path = typer.Option(Path("runs"), "--out", help="where run directories go"),
+         sequential: bool = typer.Option(False, "--sequential", help="let edits accumulate instead of restoring"),
+         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="cases per method call (batch methods)"),
+         seed: int = typer.Option(0, "--seed"),
+         stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
+         gen_tokens: int = typer.Option(24, "--gen-tokens", help="tokens per before/after generation (0: none)"),
+         fmt: str = typer.Option("auto", "--format", help="cases layout: auto | kedit | easyedit | rome | zsre"),
+         device: str = DeviceOpt, dtype: str = DtypeOpt):
+    """Edit a model, measure every case before and after, write runs/<id>/."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from kedit.cases import load_cases
+    from kedit.experiment import generations_before_after, make_method, resolved_config, write_run
+    from kedit.methods.base import RunContext
+    from kedit.runner import run_edits
+
+    try:
+        case_list = load_cases(cases, fmt)
+        loaded = _load(model, device, dtype)
+        ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
+        meth, source = make_method(loaded, method, str(hparams) if hparams else None, parse_sets(set_), ctx)
+    except KeyError as e:
+        fail(str(e.args[0]))
+    except user_errors() as e:
+        fail(str(e))
+    config = resolved_config(loaded, meth, source, cases_file=str(cases), cases=case_list, sequential=sequential,
+                             batch_size=batch_size, command=" ".join(["kedit", *sys.argv[1:]]))
+    _say(f"{method} on {loaded.name} ({loaded.device}, {config['model']['dtype']}), {len(case_list)} cases, "
+         f"hparams {source}")
+    try:
+        meth.prepare()
+        with Progress(TextColumn("[bold]editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=err, transient=False) as bar:
+            task = bar.add_task("edit", total=len(case_list))
+            result = run_edits(meth, case_list, sequential=sequential, batch_size=batch_size,
+                               progress=lambda k: bar.advance(task, k))
+        gens = generations_before_after(loaded, result, gen_tokens) if gen_tokens > 0 else None
+    except user_errors() as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print("interrupted: no run directory written")
+        raise typer.Exit(130)
+    print_result(result)
+    if gens:
+        from kedit.generation import render_table
+
+        render_table([g for g in gens if g["kind"] in ("prompt", "rephrase", "locality", "subject")], console)
+    run_dir = write_run(out, loaded, meth, result, config, gens)
+    console.print(f"run written to [bold]{run_dir}[/bold]")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

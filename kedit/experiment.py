@@ -1,0 +1,144 @@
+"""An edit experiment end to end: cases -> model -> method -> evaluation -> run directory.
+
+The CLI's ``kedit edit`` and the Python API's :func:`kedit.edit` both come here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kedit.cases import EditCase, write_cases
+from kedit.config import resolve_params
+from kedit.methods.base import Delta, Method, RunContext
+from kedit.methods.registry import get_method
+from kedit.models.load import LoadedModel
+from kedit.runner import EditResult, run_edits
+from kedit.runs import RunDir, new_run_id, write_json, write_yaml
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from kedit import __version__
+
+    return {"kedit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def make_method(loaded: LoadedModel, method: str, hparams: str | None = None, overrides: dict | None = None,
+                ctx: RunContext | None = None) -> tuple[Method, str]:
+    cls = get_method(method)
+    params, source = resolve_params(cls, loaded.name, loaded.adapter, hparams, overrides)
+    return cls(loaded, params, ctx or RunContext()), source
+
+
+def resolved_config(loaded: LoadedModel, method: Method, hparams_source: str, *, cases_file: str | None,
+                    cases: Sequence[EditCase], sequential: bool, batch_size: int | None,
+                    command: str | None) -> dict[str, Any]:
+    case_hash = hashlib.sha256("\n".join(str(c.to_dict()) for c in cases).encode()).hexdigest()[:16]
+    return {
+        "model": loaded.describe(),
+        "method": method.name,
+        "hparams": dataclasses.asdict(method.params),
+        "hparams_source": hparams_source,
+        "seed": method.ctx.seed,
+        "sequential": sequential,
+        "batch_size": batch_size,
+        "cases": {"file": cases_file, "n": len(cases), "sha256": case_hash},
+        "stats_dir": method.ctx.stats_dir,
+        "versions": versions(),
+        "command": command if command is not None else " ".join(sys.argv),
+    }
+
+
+def deltas_for_file(result: EditResult) -> dict[str, torch.Tensor]:
+    """One safetensors dict: ``<case_id or batchN>/<parameter>`` -> tensor."""
+    out = {}
+    seen = set()
+    for key, delta in result.deltas.items():
+        if id(delta) in seen:
+            continue
+        seen.add(id(delta))
+        label = key if result.sequential else "+".join(c for c, d in result.deltas.items() if d is delta)
+        for name, t in delta.tensors.items():
+            out[f"{label}/{name}"] = t
+    return out
+
+
+def write_run(out_root: str | Path, loaded: LoadedModel, method: Method, result: EditResult, config: dict,
+              generations: list[dict] | None, log_lines: Sequence[str] = ()) -> Path:
+    """Write the run directory under a temporary name, then rename it (see kedit.runs)."""
+    from safetensors.torch import save_file
+
+    from kedit.generation import write_generations
+
+    run_id = new_run_id(method.name, loaded.name, config)
+    run = RunDir(Path(out_root), run_id)
+    try:
+        for line in log_lines:
+            run.log(line)
+        write_yaml(run.path / "config.yaml", {"run_id": run_id, **config})
+        write_cases(result.cases, run.path / "cases.jsonl")
+        for rec in result.records:
+            run.append_result(rec)
+        write_json(run.path / "metrics.json", result.metrics)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in deltas_for_file(result).items()}
+        meta = {"mode": "sequential" if result.sequential else "independent",
+                "model_fingerprint": loaded.fingerprint, "method": method.name}
+        save_file(tensors, str(run.path / "delta.safetensors"), metadata=meta)
+        if generations is not None:
+            write_generations(generations, run.path)
+        run.log(f"timings: {result.timings}")
+        return run.finish()
+    except BaseException:
+        run.abandon()
+        raise
+
+
+def generations_before_after(loaded: LoadedModel, result: EditResult, max_new_tokens: int = 24) -> list[dict]:
+    """Greedy continuations before and after the edit of each case's default prompts."""
+    from kedit.generation import default_prompts, generate
+
+    prompts = default_prompts(result.cases)
+    before = generate(loaded, [p["prompt"] for p in prompts], max_new_tokens)
+    after: list[str] = [""] * len(prompts)
+    if result.sequential:
+        applied = [d for _, d in sorted(result.deltas.items(), key=lambda kv: int(kv[0].removeprefix("batch")))]
+        groups = [(applied, list(range(len(prompts))))]
+    else:
+        groups = []
+        for delta in {id(d): d for d in result.deltas.values()}.values():
+            ids = {c for c, d in result.deltas.items() if d is delta}
+            groups.append(([delta], [i for i, p in enumerate(prompts) if p["case_id"] in ids]))
+    for deltas, idx in groups:
+        if not idx:
+            continue
+        done = []
+        try:
+            for d in deltas:
+                done.append(d.apply(loaded.model))
+            texts = generate(loaded, [prompts[i]["prompt"] for i in idx], max_new_tokens)
+        finally:
+            for d in reversed(done):
+                d.revert(loaded.model)
+        for i, t in zip(idx, texts):
+            after[i] = t
+    return [{**p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
+
+
+def timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+__all__ = ["Delta", "generations_before_after", "make_method", "resolved_config", "run_edits", "write_run"]

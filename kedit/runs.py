@@ -1,0 +1,141 @@
+"""The run directory: ids, atomic writes, resolved config, per-case log.
+
+Layout of ``runs/<id>/`` (the schema other tools may rely on)::
+
+    config.yaml        everything resolved: model (path, fingerprint), method, hparams, seed,
+                       device, dtype, versions, command line, cases file and hash
+    cases.jsonl        the cases, in kedit's layout
+    results.jsonl      one line per case: {"case_id", "pre": {...}, "post": {...}, "time": {...}, ...}
+    metrics.json       {"n", "pre": {name: mean}, "post": {...}, "stderr": {"pre", "post"}, "count": ...}
+    generations.md / generations.jsonl   before/after greedy continuations
+    delta.safetensors  the weight change (see runner: per case or one for the whole run)
+    log.txt            what happened, with times
+
+``kedit edit`` builds the directory under a hidden temporary name and renames it when
+complete, so an interrupted run leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_yaml(path: Path, data: Any) -> None:
+    write_text(path, yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (Path,)):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def _plain(o: Any) -> Any:
+    """Tuples -> lists, paths -> str, recursively (YAML-safe)."""
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, Path):
+        return str(o)
+    return o
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:40] or "x"
+
+
+def new_run_id(method: str, model: str, payload: Any) -> str:
+    """``<UTC time>-<method>-<model>-<6 hex of the resolved config>``."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return f"{stamp}-{slug(method)}-{slug(Path(model).name if os.sep in model else model)}-{digest}"
+
+
+class RunDir:
+    """A run directory being written: under ``.<id>.partial`` until :meth:`finish`."""
+
+    def __init__(self, root: Path, run_id: str, *, staged: bool = True):
+        self.root = Path(root)
+        self.run_id = run_id
+        self.final = self.root / run_id
+        if self.final.exists():
+            raise FileExistsError(f"run directory {self.final} already exists")
+        self.path = self.root / f".{run_id}.partial" if staged else self.final
+        self.path.mkdir(parents=True, exist_ok=False)
+        self._log = open(self.path / "log.txt", "a", buffering=1)
+
+    def log(self, msg: str) -> None:
+        now = _dt.datetime.now().strftime("%H:%M:%S")
+        self._log.write(f"[{now}] {msg}\n")
+
+    def append_result(self, record: dict) -> None:
+        """Append one case's record to results.jsonl, flushed to disk (the resume log)."""
+        with open(self.path / "results.jsonl", "a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self) -> Path:
+        self._log.close()
+        if self.path != self.final:
+            os.replace(self.path, self.final)
+            self.path = self.final
+        return self.final
+
+    def abandon(self) -> None:
+        self._log.close()
+        if self.path != self.final and self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def read_results(path: Path) -> list[dict]:
+    """results.jsonl -> records; a torn last line (interrupted write) is ignored."""
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+    return out
