@@ -1,0 +1,96 @@
+"""Tiny randomly initialised models of every supported family, built offline.
+
+``tiny_model(family, seed=0)`` returns a :class:`kedit.models.load.LoadedModel` wrapping a
+2-3 layer ``*ForCausalLM`` (hidden 32, MLP width != hidden so weight-layout mistakes
+show) and a small byte-level BPE fast tokenizer trained on the shipped WikiText-2
+(GPT-2 / SmolLM2 style: space-prefixed tokens, offsets mapping, no BOS unless asked,
+``<pad>`` as pad token).  Every call builds a fresh model (tests edit weights in
+place); the tokenizer is built once per session.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from kedit.corpus import wikitext_paragraphs
+from kedit.models.arch import ModelAdapter
+from kedit.models.load import LoadedModel
+
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral")
+SPECIALS = ["<|endoftext|>", "<pad>", "<s>"]  # ids 0, 1, 2
+MAX_POSITIONS = 128
+HIDDEN = 32
+HEADS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(bos: bool = False, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes, no unknowns) trained on 200 WikiText-2 paragraphs.
+
+    eos = ``<|endoftext|>`` (id 0), pad = ``<pad>`` (id 1), bos = ``<s>`` (id 2, added
+    only with ``bos=True``).  Shared between tests: do not mutate it.
+    """
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(wikitext_paragraphs(200), trainer=trainer)
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    if bos:
+        tok.post_processor = processors.Sequence([
+            byte_level,
+            processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                          special_tokens=[("<s>", tok.token_to_id("<s>"))]),
+        ])
+    else:
+        tok.post_processor = byte_level
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
+                                   bos_token="<s>", unk_token="<|endoftext|>", padding_side="right",
+                                   model_max_length=MAX_POSITIONS)
+
+
+def tiny_config(family: str, vocab_size: int):
+    """HF config of a tiny model of ``family`` (``vocab_size`` >= the tokenizer's)."""
+    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    ids = dict(bos_token_id=2, eos_token_id=0, pad_token_id=1)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=3,
+                          n_head=HEADS, n_inner=4 * HIDDEN, **ids)  # Conv1D, key size 128
+    if family == "gptj":
+        return GPTJConfig(vocab_size=vocab_size, n_positions=MAX_POSITIONS, n_embd=HIDDEN, n_layer=3,
+                          n_head=HEADS, rotary_dim=4, n_inner=3 * HIDDEN, **ids)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, max_position_embeddings=MAX_POSITIONS, hidden_size=HIDDEN,
+                             num_hidden_layers=3, num_attention_heads=HEADS, intermediate_size=80,
+                             rotary_pct=0.5, **ids)
+    common = dict(vocab_size=vocab_size, max_position_embeddings=MAX_POSITIONS, hidden_size=HIDDEN,
+                  num_hidden_layers=3, num_attention_heads=HEADS, num_key_value_heads=2, **ids)
+    if family == "llama":  # tied head, like SmolLM2
+        return LlamaConfig(intermediate_size=64, tie_word_embeddings=True, **common)
+    if family == "qwen2":
+        return Qwen2Config(intermediate_size=72, tie_word_embeddings=False, **common)
+    if family == "mistral":
+        return MistralConfig(intermediate_size=56, sliding_window=None, tie_word_embeddings=False, **common)
+    raise ValueError(f"unknown tiny family '{family}' (choose from {', '.join(FAMILIES)})")
+
+
+def tiny_model(family: str = "llama", seed: int = 0, bos: bool = False) -> LoadedModel:
+    """A fresh tiny ``family`` model (eval, frozen, float32, CPU), seeded by ``seed``."""
+    tok = tiny_tokenizer(bos)
+    vocab = -(-len(tok) // 64) * 64
+    config = tiny_config(family, vocab)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    model.requires_grad_(False)
+    fingerprint = hashlib.sha256(f"tiny|{family}|{seed}|{int(bos)}".encode()).hexdigest()[:16]
+    return LoadedModel(model, tok, ModelAdapter(model), name=f"tiny-{family}", path="", fingerprint=fingerprint,
+                       device=torch.device("cpu"), dtype=torch.float32)
