@@ -145,9 +145,10 @@ def stats(model: str = ModelOpt,
         wanted = parse_layers(layers)
         for layer in wanted:
             loaded.adapter.check_layer(layer)
-        get_stats(loaded, wanted, corpus=corpus, samples=samples, max_length=max_length, stats_dir=stats_dir,
-                  force=force, progress=True)
-        report = stats_report(loaded, wanted, compute=False, corpus=corpus, samples=samples,
+        if force:
+            get_stats(loaded, wanted, corpus=corpus, samples=samples, max_length=max_length,
+                      stats_dir=stats_dir, force=True, progress=True)
+        report = stats_report(loaded, wanted, compute=True, corpus=corpus, samples=samples,
                               max_length=max_length, stats_dir=stats_dir)
     except user_errors() as e:
         fail(str(e))

@@ -75,9 +75,11 @@ def _plain(o: Any) -> Any:
         return {str(k): _plain(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [_plain(v) for v in o]
-    if isinstance(o, Path):
-        return str(o)
-    return o
+    if isinstance(o, (Path, str)):
+        return str(o)  # also str subclasses such as torch's TorchVersion
+    if o is None or isinstance(o, (bool, int, float)):
+        return o
+    return str(o)
 
 
 def slug(text: str) -> str:

