@@ -9,6 +9,7 @@ against the model's architecture adapter, and its bookkeeping keys are ignored.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -76,6 +77,19 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return True
 
 
+def _coerce_float(value: Any, hint: Any) -> Any:
+    """PyYAML reads ``5e-1`` (no dot) as a string, as YAML 1.1 says; EasyEdit files are full
+    of such values, so a string that parses as a number is accepted for a float field."""
+    wants_float = hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                    and float in typing.get_args(hint))
+    if wants_float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _freeze(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
@@ -86,10 +100,11 @@ def build_params(cls: type, data: dict, source: str) -> Any:
     """Validate ``data`` against dataclass ``cls`` (all errors at once) and construct it."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    data = {k: _coerce_float(v, hints[k]) if k in fields else v for k, v in data.items()}
     errors = []
     for key in data:
         if key not in fields:
-            close = [f for f in fields if f.startswith(key[:4])]
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             errors.append(f"{source}: unknown key '{key}'{hint}")
     for key, value in data.items():
