@@ -115,3 +115,12 @@ def test_edit_bad_inputs_are_one_line_errors(tiny_dir):
     assert res.exit_code == 2 and "did you mean 'rome'" in res.output
     res = runner.invoke(app, ["edit", str(cases), "--model", str(d), "--hparams", str(hp), "--set", "layr=2"])
     assert res.exit_code == 2 and "unknown key 'layr'" in res.output
+
+
+def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    res = runner.invoke(app, ["stats", "--model", "no-such-org/no-such-model", "--layers", "1"])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--model no-such-org/no-such-model: cannot load" in lines[0]

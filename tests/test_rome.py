@@ -140,3 +140,26 @@ def test_delta_save_load_roundtrip(tmp_path):
     e = Delta.load(tmp_path / "d.safetensors")
     assert torch.equal(d.tensors["a.weight"], e.tensors["a.weight"]) and e.meta == {"method": "x"}
     assert [p.name for p in tmp_path.iterdir()] == ["d.safetensors"]
+
+
+def test_rome_in_bfloat16_keeps_the_weight_dtype_and_solves_in_float64(tmp_path, monkeypatch):
+    """The CUDA path's dtypes, checked on CPU: a bf16 model gets a bf16 delta from a float64 solve."""
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+    import kedit.methods.rome as rome_mod
+
+    loaded = tiny_model("qwen2")
+    loaded.model.to(torch.bfloat16)
+    loaded.dtype = torch.bfloat16
+    seen = {}
+    real = rome_mod.rank_one_direction
+
+    def spy(k, C):
+        u = real(k, C)
+        seen["u"] = u.dtype
+        return u
+    monkeypatch.setattr(rome_mod, "rank_one_direction", spy)
+    delta = rome(loaded, tmp_path, mom2_adjustment=True, mom2_samples=20).compute([EditRequest.from_case(CASE)])
+    (t,) = delta.tensors.values()
+    assert seen["u"] == torch.float64 and t.dtype == torch.bfloat16 and torch.isfinite(t.float()).all()
+    delta.apply(loaded.model)
+    assert argmax_next(loaded, CASE.prompt, CASE.target_new)
