@@ -256,6 +256,104 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
     console.print(f"run written to [bold]{run_dir}[/bold]")
 
 
+@app.command()
+def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zsre"),
+          method: str = typer.Option("rome", "--method"),
+          model: str = ModelOpt,
+          n: Optional[int] = typer.Option(None, "-n", help="number of cases"),
+          offset: int = typer.Option(0, "--offset", help="first case"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="cases per method call"),
+          sequential: bool = typer.Option(False, "--sequential", help="edits accumulate (lifelong setting)"),
+          hparams: Optional[Path] = typer.Option(None, "--hparams"),
+          set_: list[str] = typer.Option(None, "--set", help="override one hyperparameter: key=value"),
+          data: Optional[str] = typer.Option(None, "--data", help="another file of the benchmark (any kedit layout)"),
+          out: Path = typer.Option(Path("runs"), "--out"),
+          resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted bench run"),
+          seed: int = typer.Option(0, "--seed"),
+          stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
+          device: str = DeviceOpt, dtype: str = DtypeOpt):
+    """Benchmark a method on CounterFact or zsRE; resumable with --resume RUN_DIR."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from kedit.bench import BENCHMARKS, BenchError, load_bench_config, load_benchmark, run_bench, save_bench_config
+    from kedit.experiment import make_method, resolved_config
+    from kedit.methods.base import RunContext
+    from kedit.runs import new_run_id
+
+    try:
+        if resume:
+            cfg = load_bench_config(resume)
+            b = cfg["bench"]
+            benchmark, n, offset, batch_size, sequential, data = (b["name"], b["n"], b["offset"], b["batch_size"],
+                                                                  b["sequential"], b["data"])
+            method, model, seed = cfg["method"], cfg["model"]["name"], cfg["seed"]
+            device, dtype, stats_dir = cfg["model"]["device"], cfg["model"]["dtype"], cfg["stats_dir"]
+            overrides, hparams = cfg["hparams"], None
+        else:
+            if benchmark is None:
+                fail("give a benchmark (counterfact | zsre) or --resume RUN_DIR")
+            overrides = parse_sets(set_)
+        cases = load_benchmark(benchmark, data, n, offset)
+        loaded = _load(model, device, dtype)
+        ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
+        if resume:
+            from kedit.config import resolve_params
+            from kedit.methods.registry import get_method
+            cls = get_method(method)
+            params, source = resolve_params(cls, loaded.name, loaded.adapter, cfg["hparams_source"], overrides)
+            meth = cls(loaded, params, ctx)
+        else:
+            meth, source = make_method(loaded, method, str(hparams) if hparams else None, overrides, ctx)
+    except KeyError as e:
+        fail(str(e.args[0]))
+    except (BenchError, *user_errors()) as e:
+        fail(str(e))
+    if resume:
+        run_dir = Path(resume)
+    else:
+        config = resolved_config(loaded, meth, source, cases_file=data or BENCHMARKS[benchmark][0], cases=cases,
+                                 sequential=sequential, batch_size=batch_size,
+                                 command=" ".join(["kedit", *sys.argv[1:]]))
+        config["bench"] = {"name": benchmark, "n": n, "offset": offset, "batch_size": batch_size,
+                           "sequential": sequential, "data": data, "note": BENCHMARKS[benchmark][2]}
+        run_dir = Path(out) / new_run_id(f"bench-{benchmark}-{method}", loaded.name, config)
+        run_dir.mkdir(parents=True)
+        save_bench_config(run_dir, config)
+    _say(f"{BENCHMARKS[benchmark][2]}; {len(cases)} cases -> {run_dir}")
+    sums: dict[str, float] = {}
+    count = [0]
+    try:
+        meth.prepare()
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task("bench", total=len(cases))
+
+            def on_case(rec: dict) -> None:
+                count[0] += 1
+                for k in ("rewrite_acc", "efficacy_success", "locality_acc"):
+                    if k in rec["post"]:
+                        sums[k] = sums.get(k, 0.0) + rec["post"][k]
+                means = "  ".join(f"{k.split('_')[0]} {v / count[0]:.2f}" for k, v in sums.items())
+                bar.update(task, advance=1, description=f"bench  {means}")
+            from kedit.runs import read_results
+            bar.update(task, completed=len(read_results(run_dir / "results.jsonl")))
+            metrics = run_bench(meth, cases, run_dir, batch_size=batch_size, sequential=sequential, progress=on_case)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: resume with  kedit bench --resume {run_dir}")
+        raise typer.Exit(130)
+    except (BenchError, *user_errors()) as e:
+        fail(str(e))
+    t = Table(title=f"{benchmark}: {metrics['n']} cases, {method} on {loaded.name} (mean ± stderr)")
+    for col in ("metric", "pre", "post"):
+        t.add_column(col)
+    for name in dict.fromkeys([*metrics["pre"], *metrics["post"]]):
+        pre, post = metrics["pre"].get(name), metrics["post"].get(name)
+        sp, so = metrics["stderr"]["pre"].get(name), metrics["stderr"]["post"].get(name)
+        t.add_row(name, _fmt(pre) + (f" ± {sp:.2f}" if sp else ""), _fmt(post) + (f" ± {so:.2f}" if so else ""))
+    console.print(t)
+    console.print(f"run: [bold]{run_dir}[/bold]  ({BENCHMARKS[benchmark][2]})")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

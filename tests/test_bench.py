@@ -1,0 +1,104 @@
+"""`kedit bench`: shipped data readers, resumable runs (interrupted in the test), no case counted twice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from tiny import tiny_model
+from typer.testing import CliRunner
+
+from kedit.bench import BenchError, complete_records, load_benchmark
+from kedit.cli import app
+from kedit.runs import read_results
+
+runner = CliRunner()
+
+
+def test_shipped_benchmarks_load():
+    cf = load_benchmark("counterfact", n=5, offset=2)
+    assert len(cf) == 5 and cf[0].case_id == load_benchmark("counterfact", n=3)[2].case_id
+    assert cf[0].locality and cf[0].rephrase_prompts and cf[0].ground_truth
+    zs = load_benchmark("zsre", n=4)
+    assert len(zs) == 4 and zs[0].locality[0].name == "nq" and zs[0].target_new == "unmanned aircraft"
+    with pytest.raises(BenchError, match="unknown benchmark 'mquake'"):
+        load_benchmark("mquake")
+    with pytest.raises(BenchError, match="--offset 5000"):
+        load_benchmark("counterfact", offset=5000)
+
+
+def test_complete_records_drops_a_cut_off_batch():
+    recs = [{"case_id": "a", "batch": 0}, {"case_id": "b", "batch": 0}, {"case_id": "c", "batch": 1}]
+    assert [r["case_id"] for r in complete_records(recs, 2)] == ["a", "b"]
+    recs[-1]["last_batch"] = True
+    assert len(complete_records(recs, 2)) == 3
+
+
+@pytest.fixture()
+def tiny_bench(tmp_path, monkeypatch):
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+    loaded = tiny_model("llama")
+    d = tmp_path / "tiny-llama"
+    loaded.model.save_pretrained(d)
+    loaded.tokenizer.save_pretrained(d)
+    subjects = ["France", "Lionel Messi", "the Thames", "Mount Everest", "Tokyo"]
+    data = tmp_path / "bench.jsonl"
+    data.write_text("".join(json.dumps({"case_id": f"c{i}", "prompt": f"A fact about {s}", "subject": s,
+                                        "target_new": "of", "ground_truth": "the",
+                                        "rephrase_prompts": [f"Another fact about {s}"]}) + "\n"
+                            for i, s in enumerate(subjects)))
+    hp = tmp_path / "rome.yaml"
+    hp.write_text(yaml.safe_dump({"layer": 1, "mom2_adjustment": False, "v_num_grad_steps": 10,
+                                  "clamp_norm_factor": 1000.0, "kl_factor": 0.0, "v_weight_decay": 0.0,
+                                  "context_template_length_params": [[3, 1]]}))
+    args = ["bench", "counterfact", "--data", str(data), "--model", str(d), "--hparams", str(hp),
+            "--out", str(tmp_path / "runs"), "--device", "cpu"]
+    return args, tmp_path
+
+
+def test_interrupted_bench_resumes_without_losing_or_repeating_cases(tiny_bench, monkeypatch):
+    args, tmp = tiny_bench
+    import kedit.methods.rome as rome_mod
+
+    real = rome_mod.ROME.compute
+    calls = {"n": 0}
+
+    def flaky(self, requests):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third edit
+        return real(self, requests)
+    monkeypatch.setattr(rome_mod.ROME, "compute", flaky)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 130 and "kedit bench --resume" in res.output
+    (run,) = list((tmp / "runs").iterdir())
+    assert [r["case_id"] for r in read_results(run / "results.jsonl")] == ["c0", "c1"]
+    assert not (run / "metrics.json").exists()  # unfinished runs do not look complete
+
+    monkeypatch.setattr(rome_mod.ROME, "compute", real)
+    res = runner.invoke(app, ["bench", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    ids = [r["case_id"] for r in read_results(run / "results.jsonl")]
+    assert ids == ["c0", "c1", "c2", "c3", "c4"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n"] == 5 and "rewrite_acc" in metrics["post"]
+    res = runner.invoke(app, ["bench", "--resume", str(run)])
+    assert res.exit_code == 2 and "already complete" in res.output
+
+
+def test_half_done_batch_is_redone(tiny_bench):
+    args, tmp = tiny_bench
+    res = runner.invoke(app, [*args, "--batch-size", "2", "-n", "4"])
+    assert res.exit_code == 0, res.output
+    (run,) = list((tmp / "runs").iterdir())
+    full = read_results(run / "results.jsonl")
+    assert [r["batch"] for r in full] == [0, 0, 1, 1]
+    # simulate a cut inside batch 1: one of its two records written, metrics not yet
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:3]) + '{"case_id": "c3", "ba')
+    (run / "metrics.json").unlink()
+    res = runner.invoke(app, ["bench", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    again = read_results(run / "results.jsonl")
+    assert [r["case_id"] for r in again] == ["c0", "c1", "c2", "c3"]
+    assert again[:2] == full[:2]
