@@ -47,7 +47,7 @@ EASYEDIT_MODULE_KEYS = {
     "ln_f_module": "final_norm",
 }
 # Bookkeeping keys with no effect on the science in kedit (devices, paths, dataset names).
-EASYEDIT_IGNORED = {"alg_name", "model_name", "stats_dir", "device", "model_parallel", "fp16",
+EASYEDIT_IGNORED = {"alg_name", "model_name", "layer_selection", "stats_dir", "device", "model_parallel", "fp16",
                     "mom2_dataset", "mom2_dtype", "lm_head_module", "max_length", "batch_size"}
 
 

@@ -81,6 +81,16 @@ def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared CPU two threads waiting on
+    each other make this file ~10x slower; restored for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_memit_batch_of_8_makes_every_target_the_argmax(family, tmp_path):
     loaded = tiny_model(family)
@@ -105,12 +115,20 @@ def test_memit_batch_of_8_makes_every_target_the_argmax(family, tmp_path):
     assert same(before, state(loaded))
 
 
-def test_memit_with_covariance_from_the_shipped_corpus(tmp_path):
-    """C from 30 WikiText-2 texts for both layers (one stats pass), GPT-2's Conv1D layout."""
+def test_memit_with_covariance_from_the_shipped_corpus(tmp_path, monkeypatch):
+    """C from 30 WikiText-2 texts for both layers (one get_stats call), GPT-2's Conv1D layout."""
+    import kedit.stats
+
+    calls = []
+    real = kedit.stats.get_stats
+    monkeypatch.setattr(kedit.stats, "get_stats", lambda loaded, layers, **kw: calls.append(list(layers))
+                        or real(loaded, layers, **kw))
     loaded = tiny_model("gpt2")
     cases = cases_for(loaded)
     method = memit(loaded, tmp_path, mom2_adjustment=True, mom2_samples=30)
     delta = method.compute([EditRequest.from_case(c) for c in cases])
+    method.prepare()                                        # idempotent: no second pass
+    assert calls == [LAYERS]
     assert sorted(method.C) == LAYERS
     assert all(c.shape == (128, 128) for c in method.C.values())
     assert len(list((tmp_path / "stats").rglob("*.safetensors"))) == len(LAYERS)
@@ -180,6 +198,8 @@ def test_params_check_and_shipped_configs():
         build_params(MemitParams, {"layers": [2, 1]}, "x.yaml")
     with pytest.raises(ConfigError, match="layers"):
         build_params(MemitParams, {"layers": []}, "x.yaml")
+    with pytest.raises(ConfigError, match="v_loss_layer"):
+        build_params(MemitParams, {"layers": [3, 4], "v_loss_layer": 2}, "x.yaml")
     files = sorted((configs_dir() / "methods" / "memit").glob("*.yaml"))
     assert {f.stem for f in files} >= {"smollm2-135m", "gpt2-xl", "gpt-j-6b", "llama"}
     for f in files:
@@ -197,7 +217,7 @@ layers: [1, 2]
 clamp_norm_factor: 0.75
 fact_token: "subject_last"
 v_num_grad_steps: 25
-v_lr: 0.5
+v_lr: 5e-1
 v_loss_layer: 2
 v_weight_decay: 0.5
 kl_factor: 0.0625

@@ -9,6 +9,7 @@ from kedit.methods.base import Method
 
 # Modules that define methods; importing them runs their @register decorators.
 METHOD_MODULES = ("kedit.methods.rome",)
+METHOD_MODULES += ("kedit.methods.memit",)
 
 
 class Registry:
