@@ -118,7 +118,10 @@ def test_edit_bad_inputs_are_one_line_errors(tiny_dir):
 
 
 def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import time: also patch the constant
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     res = runner.invoke(app, ["stats", "--model", "no-such-org/no-such-model", "--layers", "1"])
     assert res.exit_code == 2
