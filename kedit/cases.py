@@ -29,10 +29,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from kedit.atomic import write_text
 
 __all__ = [
     "FORMATS",
@@ -686,22 +687,5 @@ def write_cases(cases: Iterable[EditCase], path: str | os.PathLike) -> Path:
                 f"{path}: duplicate case_id {case.case_id!r} (cases {seen[case.case_id]} and {i})")
         seen[case.case_id] = i
         lines.append(json.dumps(case.to_dict(), ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_text(path, "".join(line + "\n" for line in lines))
     return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -164,8 +163,9 @@ def stats(model: str = ModelOpt,
 
 # --------------------------------------------------------------------------- editing
 
-METRIC_COLUMNS = ("rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc",
-                  "efficacy_success", "paraphrase_success", "neighborhood_success")
+METRIC_COLUMNS = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "locality",
+                  "portability_acc": "portab.", "efficacy_success": "ES", "paraphrase_success": "PS",
+                  "neighborhood_success": "NS"}
 
 
 def _fmt(v) -> str:
@@ -174,10 +174,11 @@ def _fmt(v) -> str:
 
 def print_result(result, console: Console = console) -> None:
     cols = [c for c in METRIC_COLUMNS if any(c in r["post"] for r in result.records)]
-    t = Table(title="per case: pre → post", show_lines=False)
+    t = Table(title="per case: pre → post (ES/PS/NS: efficacy, paraphrase, neighbourhood success)",
+              show_lines=False)
     t.add_column("case")
     for c in cols:
-        t.add_column(c.replace("_success", "").replace("_acc", " acc"), justify="center")
+        t.add_column(METRIC_COLUMNS[c], justify="center")
     t.add_column("steps", justify="right")
     for r in result.records:
         cells = []
@@ -185,7 +186,7 @@ def print_result(result, console: Console = console) -> None:
             a, b = r["pre"].get(c), r["post"].get(c)
             colour = "green" if b is not None and a is not None and b > a else ("red" if b is not None and a is not None and b < a else "")
             cells.append(f"{_fmt(a)} → [{colour}]{_fmt(b)}[/{colour}]" if colour else f"{_fmt(a)} → {_fmt(b)}")
-        t.add_row(str(r["case_id"])[:24], *cells, str(r.get("method", {}).get("steps", "")))
+        t.add_row(str(r["case_id"])[:16], *cells, str(r.get("method", {}).get("steps", "")))
     console.print(t)
     m = result.metrics
     a = Table(title=f"aggregate over {m['n']} cases (mean ± stderr)")

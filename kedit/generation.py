@@ -24,12 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from kedit.atomic import write_text
 from kedit.tokens import pad_batch
 
 __all__ = [
@@ -388,23 +388,6 @@ def render_table(rows: Sequence[dict], console: Any = None, title: str | None = 
 # --------------------------------------------------------------------------- files
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_generations(rows: Sequence[dict], run_dir: str | os.PathLike,
                       stem: str = "generations") -> tuple[Path, Path]:
     """Write ``<run_dir>/<stem>.jsonl`` (one row a line) and ``<stem>.md``
@@ -415,6 +398,6 @@ def write_generations(rows: Sequence[dict], run_dir: str | os.PathLike,
     run_dir.mkdir(parents=True, exist_ok=True)
     jsonl = run_dir / f"{stem}.jsonl"
     md = run_dir / f"{stem}.md"
-    _write_atomic(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    _write_atomic(md, render_markdown(rows))
+    write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(md, render_markdown(rows))
     return jsonl, md

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -53,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from kedit.atomic import atomic_path
 from kedit.corpus import load_corpus
 from kedit.hooks import StopForward, record, run_until_stopped
 from kedit.paths import stats_dir as _stats_dir
@@ -208,19 +208,8 @@ def stats_path(root: Path, fingerprint: str, layer: int, corpus_id: str, samples
 def _atomic_save(path: Path, tensor: torch.Tensor, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({TENSOR: tensor.contiguous()}, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp:
+        save_file({TENSOR: tensor.contiguous()}, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
 def _load_checked(path: Path, expect: dict[str, str], d: int) -> tuple[torch.Tensor | None, dict, str | None]:

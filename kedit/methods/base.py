@@ -109,7 +109,7 @@ class Delta:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        from kedit.runs import atomic_path
+        from kedit.atomic import atomic_path
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         with atomic_path(Path(path)) as tmp:

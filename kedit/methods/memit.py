@@ -21,37 +21,26 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
-from kedit.hooks import record, run_until_stopped
 from kedit.methods.base import Delta, EditRequest, Method
-from kedit.methods.core.keys import _chunks, batch_tensors, compute_keys, key_rows, pad_id
+from kedit.methods.core.keys import compute_keys, read_at_fact_token
 from kedit.methods.core.solve import least_squares_update
 from kedit.methods.core.templates import context_templates
-from kedit.methods.core.values import TargetOptions, optimise_targets
+from kedit.methods.core.params import LocateEditParams
+from kedit.methods.core.values import optimise_targets
 from kedit.methods.registry import register
 
 
 @dataclass(frozen=True)
-class MemitParams:
+class MemitParams(LocateEditParams):
     LAYER_KEY: ClassVar[str] = "layers"
 
     layers: tuple[int, ...] = (2, 3, 4, 5, 6)
-    fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    v_loss_layer: int = -1
-    v_weight_decay: float = 0.5
-    # The paper's 0.75 is for GPT-J / GPT-2 XL; 4.0 (ROME's value) until tuned on small models.
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    early_stop_loss: float = 0.05
-    mom2_adjustment: bool = True
+    # The paper's clamp 0.75 is for GPT-J / GPT-2 XL; ROME's 4.0 (the shared default) until tuned on small models.
     mom2_update_weight: float = 15000.0
-    mom2_samples: int = 1000
-    mom2_corpus: str | None = None
     context_template_length_params: tuple[tuple[int, int], ...] = ((10, 5),)
 
     def check(self) -> str | None:
@@ -61,37 +50,19 @@ class MemitParams:
             return f"key 'layers': must be consecutive and ascending, got {list(self.layers)}"
         if self.layers[0] < 0:
             return f"key 'layers': must be >= 0, got {list(self.layers)}"
-        if self.v_num_grad_steps < 1:
-            return "key 'v_num_grad_steps': must be >= 1"
-        if self.v_lr <= 0:
-            return "key 'v_lr': must be > 0"
         if 0 <= self.v_loss_layer < self.layers[-1]:
             return (f"key 'v_loss_layer': {self.v_loss_layer} is before the last edited layer "
                     f"{self.layers[-1]}, where the targets are fitted (use -1 for the last layer)")
         if self.mom2_update_weight <= 0:
             return "key 'mom2_update_weight': must be > 0 (λ·C + K Kᵀ must be invertible)"
-        return None
-
-    def target_options(self) -> TargetOptions:
-        return TargetOptions(steps=self.v_num_grad_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                             early_stop_loss=self.early_stop_loss, loss_layer=self.v_loss_layer)
+        return super().check()
 
 
-@torch.no_grad()
-def block_outputs(loaded, requests: Sequence[EditRequest], layer: int, position: str = "subject_last",
-                  batch_tokens: int = 8192) -> torch.Tensor:
+def block_outputs(loaded, requests: Sequence[EditRequest], layer: int, position: str = "subject_last") -> torch.Tensor:
     """Residual stream after block ``layer`` at the fact token of each bare prompt, ``(n, d)`` float32."""
-    module = loaded.adapter.block(layer)
-    rows = key_rows(loaded.tokenizer, requests, ["{}"], position)
-    out = []
-    for _start, chunk in _chunks(rows, batch_tokens):
-        ids, mask = batch_tensors(chunk, pad_id(loaded.tokenizer), loaded.device)
-        with record({"z": module}, inputs=False, stop_after=module) as seen:
-            run_until_stopped(lambda: loaded.model(input_ids=ids, attention_mask=mask, use_cache=False))
-        look = torch.tensor([r.lookup for r in chunk], device=ids.device)
-        out.append(seen["z"][torch.arange(len(chunk), device=ids.device), look].float())
-    return torch.cat(out)
+    block = loaded.adapter.block(layer)
+    return read_at_fact_token(loaded, requests, {"z": block}, ["{}"], position, inputs=False,
+                              stop_after=block)["z"][:, 0].to(loaded.device)
 
 
 @register

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kedit.atomic import write_text
 from kedit.models.arch import ModelAdapter
 from kedit.paths import configs_dir, kedit_home
 
@@ -120,15 +121,8 @@ def _gguf_hash(path: Path) -> str:
     if key not in table:
         table[key] = file_sha256(path)
         index.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(index, json.dumps(table, indent=1))
+        write_text(index, json.dumps(table, indent=1))
     return table[key]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:
@@ -143,7 +137,9 @@ def convert_gguf(gguf: Path, out_dir: Path, progress=print) -> None:
     and given the dequantised state dict first.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     progress(f"converting {gguf.name} to a safetensors cache (once; about 20 s) ...")
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -218,7 +214,9 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fl
                progress=print) -> LoadedModel:
     """Load a model for editing: eval mode, every parameter frozen, pad token set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # kedit shows its own progress; keep the terminal readable
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     where, fingerprint, info = resolve_model_dir(spec, progress)
     try:

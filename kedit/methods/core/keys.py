@@ -77,31 +77,41 @@ def pad_id(tokenizer) -> int:
 
 
 @torch.no_grad()
+def read_at_fact_token(loaded, requests: Sequence[EditRequest], modules: dict[str, torch.nn.Module],
+                       templates: Sequence[str], position: str = "subject_last", *, inputs: bool,
+                       stop_after: torch.nn.Module, batch_tokens: int = 8192) -> dict[str, torch.Tensor]:
+    """The input (``inputs=True``) or output of each module at the fact token of every
+    (request, context template) prompt: ``name -> (n_requests, n_templates, d)`` float32.
+
+    All prompts go through the model in padded batches; each forward stops once
+    ``stop_after`` has run.
+    """
+    rows = key_rows(loaded.tokenizer, requests, templates, position)
+    n_t = len(templates)
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    for _start, chunk in _chunks(rows, batch_tokens):
+        ids, mask = batch_tensors(chunk, pad_id(loaded.tokenizer), loaded.device)
+        with record(modules, inputs=inputs, stop_after=stop_after) as seen:
+            run_until_stopped(lambda: loaded.model(input_ids=ids, attention_mask=mask, use_cache=False))
+        look = torch.tensor([r.lookup for r in chunk], device=ids.device)
+        arange = torch.arange(len(chunk), device=ids.device)
+        for name in modules:
+            out[name].append(seen[name][arange, look].float().cpu())
+    return {name: torch.cat(v).reshape(len(requests), n_t, -1) for name, v in out.items()}
+
+
 def compute_keys(loaded, requests: Sequence[EditRequest], layers: Sequence[int], templates: Sequence[str],
                  position: str = "subject_last", batch_tokens: int = 8192) -> dict[int, torch.Tensor]:
-    """Keys per layer, shape ``(n_requests, n_templates, d_key)`` in float32.
+    """Keys per layer, shape ``(n_requests, n_templates, d_key)`` in float32: the inputs of
+    the MLP output projections at the fact token.
 
     ``keys[l].mean(1)`` is the averaged key k̄ of ROME/MEMIT; ``keys[l][:, 0]`` is the
     key of the bare prompt when ``templates[0] == "{}"``.
     """
     adapter = loaded.adapter
-    rows = key_rows(loaded.tokenizer, requests, templates, position)
-    n_t = len(templates)
-    out = {l: torch.empty(len(requests), n_t, adapter.key_size) for l in layers}
-    modules = {str(l): adapter.mlp_out(l) for l in layers}
-    deepest = adapter.mlp_out(max(layers))
-    for start, chunk in _chunks(rows, batch_tokens):
-        ids, mask = batch_tensors(chunk, pad_id(loaded.tokenizer), loaded.device)
-        with record(modules, inputs=True, stop_after=deepest) as seen:
-            run_until_stopped(lambda: loaded.model(input_ids=ids, attention_mask=mask, use_cache=False))
-        look = torch.tensor([r.lookup for r in chunk], device=ids.device)
-        arange = torch.arange(len(chunk), device=ids.device)
-        for l in layers:
-            ks = seen[str(l)][arange, look].float().cpu()
-            for j, k in enumerate(ks):
-                flat = start + j
-                out[l][flat // n_t, flat % n_t] = k
-    return out
+    got = read_at_fact_token(loaded, requests, {str(l): adapter.mlp_out(l) for l in layers}, templates, position,
+                             inputs=True, stop_after=adapter.mlp_out(max(layers)), batch_tokens=batch_tokens)
+    return {l: got[str(l)] for l in layers}
 
 
 def _chunks(rows: Sequence[Row], batch_tokens: int):

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
 
+from kedit.atomic import write_text
 from kedit.paths import kedit_home
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
@@ -37,11 +36,7 @@ def context_templates(loaded, length_params: Sequence[Sequence[int]], seed: int 
         except (ValueError, KeyError):
             pass  # corrupt cache: regenerate
     templates = ["{}"] + _generate(loaded, length_params, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".prefix.")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key": json.loads(key), "templates": templates}, f, indent=1)
-    os.replace(tmp, path)
+    write_text(path, json.dumps({"key": json.loads(key), "templates": templates}, indent=1))
     return templates
 
 
