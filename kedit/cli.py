@@ -153,12 +153,16 @@ def stats(model: str = ModelOpt,
         fail(str(e))
     except ValueError as e:
         fail(str(e))
-    t = Table(title=f"statistics for {model}")
-    for col in report[0].keys():
-        t.add_column(str(col))
+    t = Table(title=f"statistics for {model} ({report[0]['corpus']}, max {report[0]['max_length']} tokens/text)")
+    for col in ("layer", "cached", "samples", "tokens", "seconds"):
+        t.add_column(col, justify="right")
     for row in report:
-        t.add_row(*[str(v) for v in row.values()])
+        secs = row.get("seconds")
+        t.add_row(str(row["layer"]), "yes" if row["cached"] else "computed now", str(row["samples"]),
+                  f"{row['tokens']:,}" if row.get("tokens") else "–", f"{secs:.1f}" if isinstance(secs, float) else "–")
     console.print(t)
+    for row in report:
+        console.print(f"  layer {row['layer']}: {row['path']}", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- editing

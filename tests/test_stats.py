@@ -16,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import tiny_model  # noqa: E402
 
-from kedit import stats as kstats  # noqa: E402
 from kedit.corpus import CorpusError, load_corpus, wikitext_paragraphs  # noqa: E402
 from kedit.stats import SecondMoment, compute_second_moments, get_stats, stats_report  # noqa: E402
 
