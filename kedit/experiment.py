@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import platform
 import sys
 import time
@@ -60,18 +61,23 @@ def resolved_config(loaded: LoadedModel, method: Method, hparams_source: str, *,
     }
 
 
-def deltas_for_file(result: EditResult) -> dict[str, torch.Tensor]:
-    """One safetensors dict: ``<case_id or batchN>/<parameter>`` -> tensor."""
-    out = {}
-    seen = set()
-    for key, delta in result.deltas.items():
-        if id(delta) in seen:
-            continue
-        seen.add(id(delta))
-        label = key if result.sequential else "+".join(c for c, d in result.deltas.items() if d is delta)
+def deltas_for_file(result: EditResult) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """One safetensors dict ``<label>/<parameter>`` -> tensor, and label -> the case ids it edits.
+
+    Independent single-case edits are labelled by case id; a batch (MEMIT) or a sequential
+    step is labelled ``batch<N>``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[str, list[str]] = {}
+    for delta in {id(d): d for d in result.deltas.values()}.values():
+        ids = [c for c, d in result.deltas.items() if d is delta]
+        label = ids[0] if len(ids) == 1 and not result.sequential else f"batch{len(groups)}"
+        if result.sequential:
+            label, ids = ids[0], [r["case_id"] for r in result.records if f"batch{r['batch']}" == ids[0]]
+        groups[label] = ids
         for name, t in delta.tensors.items():
-            out[f"{label}/{name}"] = t
-    return out
+            tensors[f"{label}/{name}"] = t
+    return tensors, groups
 
 
 def write_run(out_root: str | Path, loaded: LoadedModel, method: Method, result: EditResult, config: dict,
@@ -91,9 +97,10 @@ def write_run(out_root: str | Path, loaded: LoadedModel, method: Method, result:
         for rec in result.records:
             run.append_result(rec)
         write_json(run.path / "metrics.json", result.metrics)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in deltas_for_file(result).items()}
+        tensors, groups = deltas_for_file(result)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"mode": "sequential" if result.sequential else "independent",
-                "model_fingerprint": loaded.fingerprint, "method": method.name}
+                "model_fingerprint": loaded.fingerprint, "method": method.name, "cases": json.dumps(groups)}
         save_file(tensors, str(run.path / "delta.safetensors"), metadata=meta)
         if generations is not None:
             write_generations(generations, run.path)
