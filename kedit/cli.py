@@ -283,7 +283,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
     from kedit.bench import BENCHMARKS, BenchError, load_bench_config, load_benchmark, run_bench, save_bench_config
     from kedit.experiment import make_method, resolved_config
     from kedit.methods.base import RunContext
-    from kedit.runs import new_run_id
+    from kedit.runs import new_run_id, unique_run_id
 
     try:
         if resume:
@@ -321,7 +321,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                                  command=" ".join(["kedit", *sys.argv[1:]]))
         config["bench"] = {"name": benchmark, "n": n, "offset": offset, "batch_size": batch_size,
                            "sequential": sequential, "data": data, "note": BENCHMARKS[benchmark][2]}
-        run_dir = Path(out) / new_run_id(f"bench-{benchmark}-{method}", loaded.name, config)
+        run_id = new_run_id(f"bench-{benchmark}-{method}", loaded.name, config)
+        run_dir = Path(out) / unique_run_id(Path(out), run_id)
         run_dir.mkdir(parents=True)
         save_bench_config(run_dir, config)
     _say(f"{BENCHMARKS[benchmark][2]}; {len(cases)} cases -> {run_dir}")

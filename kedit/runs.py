@@ -71,15 +71,24 @@ def new_run_id(method: str, model: str, payload: Any) -> str:
     return f"{stamp}-{slug(method)}-{slug(Path(model).name if os.sep in model else model)}-{digest}"
 
 
+def unique_run_id(root: Path, run_id: str) -> str:
+    """``run_id``, or ``run_id-2``, ``-3``... when a run (finished or in progress) already has it:
+    two runs of the same config started within one second must not collide."""
+    root = Path(root)
+    candidate, k = run_id, 1
+    while (root / candidate).exists() or (root / f".{candidate}.partial").exists():
+        k += 1
+        candidate = f"{run_id}-{k}"
+    return candidate
+
+
 class RunDir:
     """A run directory being written: under ``.<id>.partial`` until :meth:`finish`."""
 
     def __init__(self, root: Path, run_id: str, *, staged: bool = True):
         self.root = Path(root)
-        self.run_id = run_id
+        self.run_id = run_id = unique_run_id(self.root, run_id)
         self.final = self.root / run_id
-        if self.final.exists():
-            raise FileExistsError(f"run directory {self.final} already exists")
         self.path = self.root / f".{run_id}.partial" if staged else self.final
         self.path.mkdir(parents=True, exist_ok=False)
         self._log = open(self.path / "log.txt", "a", buffering=1)

@@ -127,3 +127,12 @@ def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
     assert res.exit_code == 2
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--model no-such-org/no-such-model: cannot load" in lines[0]
+
+
+def test_run_ids_never_collide(tmp_path):
+    from kedit.runs import RunDir
+
+    a = RunDir(tmp_path, "20260101-000000-rome-m-abcdef")
+    b = RunDir(tmp_path, "20260101-000000-rome-m-abcdef")  # same config, same second
+    assert a.finish().name == "20260101-000000-rome-m-abcdef"
+    assert b.finish().name == "20260101-000000-rome-m-abcdef-2"
