@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from tiny import tiny_model
+from tiny import save_tiny_model_dir
 from typer.testing import CliRunner
 
 from kedit.bench import BenchError, complete_records, load_benchmark
@@ -38,10 +38,7 @@ def test_complete_records_drops_a_cut_off_batch():
 @pytest.fixture()
 def tiny_bench(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
-    loaded = tiny_model("llama")
-    d = tmp_path / "tiny-llama"
-    loaded.model.save_pretrained(d)
-    loaded.tokenizer.save_pretrained(d)
+    d = save_tiny_model_dir(tmp_path / "tiny-llama")
     subjects = ["France", "Lionel Messi", "the Thames", "Mount Everest", "Tokyo"]
     data = tmp_path / "bench.jsonl"
     data.write_text("".join(json.dumps({"case_id": f"c{i}", "prompt": f"A fact about {s}", "subject": s,

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 from safetensors import safe_open
-from tiny import tiny_model
+from tiny import save_tiny_model_dir
 from typer.testing import CliRunner
 
 from kedit.cli import app
@@ -41,10 +41,7 @@ def test_models_and_methods_list_the_defaults():
 def tiny_dir(tmp_path, monkeypatch):
     """A tiny llama saved as a Hugging Face directory, and cases whose subject ends the prompt."""
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
-    loaded = tiny_model("llama")
-    d = tmp_path / "tiny-llama"
-    loaded.model.save_pretrained(d)
-    loaded.tokenizer.save_pretrained(d)
+    d = save_tiny_model_dir(tmp_path / "tiny-llama")
     cases = tmp_path / "cases.jsonl"
     cases.write_text(
         json.dumps({"case_id": "a", "prompt": "The capital city of the Kingdom of France", "subject": "France",

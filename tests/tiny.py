@@ -94,3 +94,11 @@ def tiny_model(family: str = "llama", seed: int = 0, bos: bool = False) -> Loade
     fingerprint = hashlib.sha256(f"tiny|{family}|{seed}|{int(bos)}".encode()).hexdigest()[:16]
     return LoadedModel(model, tok, ModelAdapter(model), name=f"tiny-{family}", path="", fingerprint=fingerprint,
                        device=torch.device("cpu"), dtype=torch.float32)
+
+
+def save_tiny_model_dir(path, family: str = "llama", seed: int = 0):
+    """Save a tiny model and its tokenizer as a Hugging Face directory (what `--model DIR` loads)."""
+    loaded = tiny_model(family, seed)
+    loaded.model.save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path
