@@ -21,7 +21,7 @@ import yaml
 from kedit.cases import EditCase, load_cases
 from kedit.paths import package_data
 from kedit.runner import metrics_summary, run_edits
-from kedit.runs import read_results, write_json, write_text
+from kedit.runs import append_record, read_results, write_json, write_text
 
 # name -> (file under kedit/data, layout, note shown with the numbers)
 BENCHMARKS = {
@@ -87,9 +87,7 @@ def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: i
         rec = {**rec, "batch": rec["batch"] + batch_offset}
         if rec["batch"] - batch_offset == n_batches - 1:
             rec["last_batch"] = True
-        with open(log, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
+        append_record(log, rec)
         if progress:
             progress(rec)
 

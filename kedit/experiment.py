@@ -10,7 +10,6 @@ import hashlib
 import json
 import platform
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,10 @@ import torch
 
 from kedit.cases import EditCase, write_cases
 from kedit.config import resolve_params
-from kedit.methods.base import Delta, Method, RunContext
+from kedit.methods.base import Method, RunContext
 from kedit.methods.registry import get_method
 from kedit.models.load import LoadedModel
-from kedit.runner import EditResult, run_edits
+from kedit.runner import EditResult
 from kedit.runs import RunDir, new_run_id, write_json, write_yaml
 
 
@@ -140,12 +139,3 @@ def generations_before_after(loaded: LoadedModel, result: EditResult, max_new_to
         for i, t in zip(idx, texts):
             after[i] = t
     return [{**p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]
-
-
-def timed(fn, *args, **kw):
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
-
-
-__all__ = ["Delta", "generations_before_after", "make_method", "resolved_config", "run_edits", "write_run"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+
 
 import torch
 
@@ -27,7 +27,7 @@ class EditResult:
     cases: list[EditCase]
     records: list[dict]                       # per case: case_id, pre, post, time, method info
     metrics: dict                             # {"n", "pre", "post", "stderr": {"pre","post"}, "count"}
-    deltas: dict[str, Delta]                  # case_id -> delta (independent) or {"*": delta}
+    deltas: dict[str, Delta]                  # case_id -> its delta (independent), "batch<N>" -> delta (sequential)
     sequential: bool
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -74,7 +74,6 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
 
     records: list[dict] = []
     deltas: dict[str, Delta] = {}
-    applied: list[Delta] = []
     snapshot: dict[str, torch.Tensor] = {}   # sequential: weights before their first edit
     try:
         for batch in batches(len(cases), size):
@@ -106,8 +105,7 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
             if sequential:
                 method.commit(delta)
                 delta.forget_originals()
-                applied.append(delta)
-                deltas[f"batch{len(applied) - 1}"] = delta
+                deltas[f"batch{len(deltas)}"] = delta
             else:
                 delta.revert(model)
                 for case in chunk:
@@ -127,7 +125,3 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
     ctx.add_time("prepare_total", t_prepare)
     ctx.add_time("pre_eval", t_pre)
     return EditResult(list(cases), records, metrics_summary(records), deltas, sequential, dict(ctx.timings))
-
-
-def params_dict(params: Any) -> dict:
-    return asdict(params)

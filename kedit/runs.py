@@ -98,11 +98,7 @@ class RunDir:
         self._log.write(f"[{now}] {msg}\n")
 
     def append_result(self, record: dict) -> None:
-        """Append one case's record to results.jsonl, flushed to disk (the resume log)."""
-        with open(self.path / "results.jsonl", "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_record(self.path / "results.jsonl", record)
 
     def finish(self) -> Path:
         self._log.close()
@@ -115,6 +111,14 @@ class RunDir:
         self._log.close()
         if self.path != self.final and self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one case's record to a results.jsonl, flushed and fsynced (the resume log)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_results(path: Path) -> list[dict]:
