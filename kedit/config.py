@@ -37,6 +37,11 @@ EASYEDIT_KEYS = {
     "mom2_n_samples": "mom2_samples",
     "mom2_update_weight": "mom2_update_weight",
     "context_template_length_params": "context_template_length_params",
+    # AlphaEdit, EMMET
+    "nullspace_threshold": "nullspace_threshold",
+    "L2": "l2",
+    "emmet_lambda": "emmet_lambda",
+    "update_norm_lambda": "update_norm_lambda",
 }
 # EasyEdit module templates -> the adapter's module kind they must name.
 EASYEDIT_MODULE_KEYS = {
@@ -49,6 +54,8 @@ EASYEDIT_MODULE_KEYS = {
 # Bookkeeping keys with no effect on the science in kedit (devices, paths, dataset names).
 EASYEDIT_IGNORED = {"alg_name", "model_name", "layer_selection", "stats_dir", "device", "model_parallel", "fp16",
                     "mom2_dataset", "mom2_dtype", "lm_head_module", "max_length", "batch_size"}
+# AlphaEdit's precomputed projector file: kedit builds and caches P beside the statistics.
+EASYEDIT_IGNORED |= {"P_loc"}
 
 
 def _type_ok(value: Any, hint: Any) -> bool:

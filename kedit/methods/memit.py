@@ -14,6 +14,9 @@ layers ``l_1 < ... < l_m = L`` in one closed-form update per layer:
    ΔW_l = R K_lᵀ (λ·C_l + K_l K_lᵀ)⁻¹ (``core.solve.least_squares_update``; C_l the
    corpus second moment of the keys, C = I with ``mom2_adjustment: false``);
 3. the weights are restored (copied back) and the sum of the per-layer updates returned.
+
+The per-layer solve is one overridable step, :meth:`MEMIT._layer_update`; AlphaEdit
+(null-space projected) and EMMET (equality constrained) are MEMIT with that step replaced.
 """
 
 from __future__ import annotations
@@ -80,12 +83,14 @@ class MEMIT(Method):
             self.adapter.check_layer(layer)
         t0 = time.perf_counter()
         self.C: dict[int, torch.Tensor] = {}
+        self.stats_info: dict = {}                 # layer -> kedit.stats.StatsInfo (where C lives)
         if p.mom2_adjustment:
             from kedit.stats import get_stats
 
             stats = get_stats(self.loaded, list(p.layers), corpus=p.mom2_corpus, samples=p.mom2_samples,
                               stats_dir=self.ctx.stats_dir, progress=self.ctx.progress)
             self.C = {layer: stats[layer].to(self.loaded.device, torch.float64) for layer in p.layers}
+            self.stats_info = stats.info
         self.templates = context_templates(self.loaded, p.context_template_length_params, self.ctx.seed)
         self.ctx.add_time("prepare", time.perf_counter() - t0)
         self._ready = True
@@ -94,6 +99,13 @@ class MEMIT(Method):
         if layer in self.C:
             return self.C[layer]
         return torch.eye(self.adapter.key_size, dtype=torch.float64, device=self.loaded.device)
+
+    def _layer_update(self, layer: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+        """The closed-form solve of one layer: ``R`` (d_out, n) the residual this layer must
+        write, ``K`` (d_key, n) its keys (both on the model's device); returns ΔW
+        (d_out, d_key) float64.  MEMIT: ΔW = R Kᵀ (λ·C + K Kᵀ)⁻¹.  Relatives of MEMIT
+        (AlphaEdit, EMMET) override this step only."""
+        return least_squares_update(R, K, self._cov(layer), self.params.mom2_update_weight)
 
     def compute(self, requests: Sequence[EditRequest]) -> Delta:
         """All requests in one update per layer; the model is back to its weights on return."""
@@ -120,7 +132,7 @@ class MEMIT(Method):
                 cur_z = block_outputs(self.loaded, requests, last, p.fact_token)  # (n, d)
                 t1 = time.perf_counter()
                 R = (z - cur_z).T / (len(p.layers) - i)                           # (d_out, n)
-                dW = least_squares_update(R, K, self._cov(layer), p.mom2_update_weight)
+                dW = self._layer_update(layer, R, K)
                 name = adapter.mlp_out_param(layer)
                 upd = adapter.to_param_layout(dW).to(adapter.dtype)
                 applied.append(Delta({name: upd}).apply(model))

@@ -10,6 +10,8 @@ from kedit.methods.base import Method
 # Modules that define methods; importing them runs their @register decorators.
 METHOD_MODULES = ("kedit.methods.rome",)
 METHOD_MODULES += ("kedit.methods.memit",)
+METHOD_MODULES += ("kedit.methods.alphaedit",)
+METHOD_MODULES += ("kedit.methods.emmet",)
 
 
 class Registry:
