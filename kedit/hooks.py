@@ -93,3 +93,41 @@ def edit_input(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) ->
         yield
     finally:
         h.remove()
+
+
+@contextmanager
+def replay_from(blocks: list[nn.Module], hidden: Callable[[], torch.Tensor], structure: Any) -> Iterator[None]:
+    """Run a forward pass from ``blocks[-1]`` on, with the blocks before it skipped.
+
+    ``blocks`` is ``[block_0, ..., block_L]``.  Blocks ``0..L-1`` become pass-throughs
+    (their ``forward`` is replaced for the duration, no hook can skip them) and block ``L``
+    receives ``hidden()`` -- the residual stream recorded before it on an earlier pass --
+    as its input.  ``structure`` is an output of a real block (from the earlier pass):
+    a pass-through returns the same shape of object (a tensor, or a tuple led by the
+    hidden state, depending on the transformers version).  Use it when nothing below
+    block L changes between passes (target optimisation edits block L and above only).
+    """
+    def passthrough(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(structure, tuple):
+            return (x, *([None] * (len(structure) - 1)))
+        return x
+
+    def feed(_mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            return (hidden(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden()}
+
+    skipped = blocks[:-1]
+    saved = [b.__dict__.get("forward") for b in skipped]   # accelerate may have set one
+    for b in skipped:
+        b.forward = passthrough
+    h = blocks[-1].register_forward_pre_hook(feed, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h.remove()
+        for b, old in zip(skipped, saved):
+            if old is None:
+                del b.forward
+            else:
+                b.forward = old

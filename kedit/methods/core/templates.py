@@ -24,11 +24,15 @@ def context_templates(loaded, length_params: Sequence[Sequence[int]], seed: int 
     """``["{}"]`` plus, for each ``(length, count)``, ``count`` prefixes of ``length`` new tokens.
 
     Sampling: top-k 5 from the model, starting words cycled from :data:`SEED_WORDS`,
-    under ``seed`` (the global RNG state is restored afterwards).  Braces in the
-    generated text are replaced by spaces so the template has exactly one ``{}``.
+    under ``seed`` (the global RNG state is restored afterwards).  Each start word follows
+    the tokenizer's document-start token (:func:`document_start`), as ROME starts from
+    GPT-2's ``<|endoftext|>``: without it a model sees "The" as the middle of a text
+    (SmolLM2 continues "The-the-world-is-...") and the prefixes stop being ordinary
+    sentences.  Braces in the generated text are replaced by spaces so the template has
+    exactly one ``{}``.
     """
     key = json.dumps({"fp": loaded.fingerprint, "lp": [list(x) for x in length_params], "seed": seed,
-                      "v": 1}, sort_keys=True)
+                      "v": 2}, sort_keys=True)
     path = kedit_home() / "prefixes" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         try:
@@ -40,8 +44,24 @@ def context_templates(loaded, length_params: Sequence[Sequence[int]], seed: int 
     return templates
 
 
+def document_start(tokenizer) -> str:
+    """Text that marks the start of a document for this tokenizer ('' when it adds BOS itself).
+
+    Tokenizers that prepend BOS (LLaMA) already start a document; otherwise the
+    ``<|endoftext|>`` separator where the vocabulary has one (GPT-2, GPT-J, SmolLM2,
+    Qwen2), else the end-of-sequence token.
+    """
+    ids = tokenizer("a")["input_ids"]
+    if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id:
+        return ""
+    if "<|endoftext|>" in tokenizer.get_vocab():
+        return "<|endoftext|>"
+    return tokenizer.eos_token or ""
+
+
 def _generate(loaded, length_params, seed: int) -> list[str]:
     tok, model = loaded.tokenizer, loaded.model
+    start_text = document_start(tok)
     out: list[str] = []
     with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -52,7 +72,7 @@ def _generate(loaded, length_params, seed: int) -> list[str]:
             old_side = tok.padding_side
             tok.padding_side = "left"
             try:
-                enc = tok(starts, return_tensors="pt", padding=True).to(loaded.device)
+                enc = tok([start_text + w for w in starts], return_tensors="pt", padding=True).to(loaded.device)
                 gen = model.generate(**enc, max_new_tokens=length, do_sample=True, top_k=5, top_p=1.0,
                                      temperature=1.0, pad_token_id=tok.pad_token_id)
             finally:

@@ -22,18 +22,21 @@ once the target NLL term is below ``early_stop_loss`` (the reference code compar
 total loss, whose KL and weight-decay floor on small models stays above the threshold
 long after the target is emitted; stopping on the NLL is the "target loss is small"
 criterion and saves most of the steps).  Only δ requires a gradient (every weight is frozen),
-and logits are computed only at the positions that enter the loss.
+and logits are computed only at the positions that enter the loss.  The blocks below the
+one that holds the edited module do not depend on δ: they run once, in the initial pass,
+whose residual stream entering that block is replayed at every step (``hooks.replay_from``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kedit.hooks import edit_output, record, run_until_stopped
+from kedit.hooks import edit_output, record, replay_from, run_until_stopped
 from kedit.methods.base import EditRequest
 from kedit.methods.core.keys import Row, _chunks, batch_tensors, pad_id, target_rows
 
@@ -49,6 +52,7 @@ class TargetOptions:
     loss_layer: int = -1          # block whose output feeds the LM head for the loss (-1: last)
     kl_prompts: tuple[str, ...] = ("{} is a",)
     batch_tokens: int = 4096      # rows per forward chunk (padded tokens); gradients accumulate
+    replay: bool = True           # run the blocks below the edited one once (see module docstring)
 
 
 @dataclass
@@ -76,11 +80,24 @@ def _loss_positions(rows: Sequence[Row]) -> tuple[list[int], list[int], list[int
     return rr, pos, lab, own
 
 
+def block_index(adapter, module: torch.nn.Module) -> int:
+    """The layer whose block is or contains ``module``."""
+    for layer in range(adapter.n_layers):
+        if any(m is module for m in adapter.block(layer).modules()):
+            return layer
+    raise ValueError("module is not inside any transformer block")
+
+
 def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequence[str], module: torch.nn.Module,
                      position: str, opts: TargetOptions, seed: int = 0) -> Targets:
     """Fit δ for every request at ``module``'s output (see the module docstring)."""
     adapter, tok, model = loaded.adapter, loaded.tokenizer, loaded.model
     device = loaded.device
+    edit_layer = block_index(adapter, module)
+    blocks = [adapter.block(i) for i in range(edit_layer + 1)]
+    replay = opts.replay and edit_layer > 0
+    row_input: dict[int, torch.Tensor] = {}     # row index -> residual stream entering the edited block
+    structure: list = []                        # one real output of the block below (its shape of object)
     rows = target_rows(tok, requests, templates, position, [p for p in opts.kl_prompts])
     n = len(requests)
     loss_layer = adapter.n_layers - 1 if opts.loss_layer < 0 else adapter.check_layer(opts.loss_layer)
@@ -91,8 +108,12 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
     for r in rows:
         (n_rewrite if r.kind == "rewrite" else n_kl)[r.request] += 1
 
-    def forward(chunk: Sequence[Row], delta: torch.Tensor | None):
-        """Log-probs at the loss positions of ``chunk`` (and the module output at fact tokens)."""
+    def forward(chunk: Sequence[Row], delta: torch.Tensor | None, row_ids: Sequence[int]):
+        """Log-probs at the loss positions of ``chunk`` (and the module output at fact tokens).
+
+        First pass (``delta`` None): the full model, recording the input of the edited
+        block per row; later passes replay it and skip the blocks below.
+        """
         ids, mask = batch_tensors(chunk, pad_id(tok), device)
         look = torch.tensor([r.lookup for r in chunk], device=device)
         req = torch.tensor([r.request for r in chunk], device=device)
@@ -107,9 +128,26 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
             add = add.index_put((arange, look), delta[req].to(out.dtype))
             return out + add
 
-        with edit_output(module, add_delta), \
-                record({"h": loss_block}, inputs=False, stop_after=loss_block, detach=False) as seen:
+        def stacked() -> torch.Tensor:
+            x = torch.zeros(ids.shape[0], ids.shape[1], row_input[row_ids[0]].shape[-1],
+                            dtype=row_input[row_ids[0]].dtype, device=device)
+            for b, j in enumerate(row_ids):
+                x[b, : row_input[j].shape[0]] = row_input[j]
+            return x
+
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(edit_output(module, add_delta))
+            seen = stack.enter_context(record({"h": loss_block}, inputs=False, stop_after=loss_block, detach=False))
+            if replay and delta is not None:
+                stack.enter_context(replay_from(blocks, stacked, structure[0]))
+            elif replay:
+                entering = stack.enter_context(record({"x": blocks[-1]}, inputs=True))
+                keep = blocks[-2].register_forward_hook(lambda _m, _a, out: None if structure else structure.append(out))
+                stack.callback(keep.remove)
             run_until_stopped(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
+            if replay and delta is None:
+                for b, (j, r) in enumerate(zip(row_ids, chunk)):
+                    row_input[j] = entering["x"][b, : len(r.ids)].clone()
         rr, pos, lab, _ = _loss_positions(chunk)
         h = seen["h"][torch.tensor(rr, device=device), torch.tensor(pos, device=device)]
         logp = F.log_softmax(head(norm(h)).float(), dim=-1)
@@ -124,7 +162,7 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
             first_row[r.request] = j
     with torch.no_grad():
         for start, chunk in _chunks(rows, opts.batch_tokens):
-            logp, rr, lab, v = forward(chunk, None)
+            logp, rr, lab, v = forward(chunk, None, range(start, start + len(chunk)))
             if v0.shape[1] == 0:
                 v0 = torch.zeros(n, v.shape[-1])
             for j, r in enumerate(chunk):
@@ -154,7 +192,7 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         opt.zero_grad(set_to_none=False)
         with torch.set_grad_enabled(update):
             for start, chunk in _chunks(chunk_rows, opts.batch_tokens):
-                logp, rr, lab, _ = forward(chunk, delta)
+                logp, rr, lab, _ = forward(chunk, delta, idx[start: start + len(chunk)])
                 owner = torch.tensor([chunk[int(j)].request for j in rr])
                 is_tok = lab >= 0
                 # NLL terms: -log p(token) / (tokens in its row · rewrite rows of its request)

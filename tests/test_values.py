@@ -1,0 +1,51 @@
+"""The shared target optimiser: replaying the residual stream below the edited block
+gives the same targets as running the whole model at every step."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kedit.methods.base import EditRequest
+from kedit.methods.core.values import TargetOptions, block_index, optimise_targets
+from tiny import FAMILIES, tiny_model
+
+REQUESTS = [EditRequest("a", "{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
+            EditRequest("b", "The mother tongue of {} is", "Danielle Darrieux", " English", " French")]
+TEMPLATES = ["{}", "It was a day. {}", "The rain fell on the roofs of the town. {}"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("where", ["mlp_out", "block"])
+def test_replaying_lower_blocks_changes_nothing(family, where):
+    loaded = tiny_model(family)
+    adapter = loaded.adapter
+    module = adapter.mlp_out(1) if where == "mlp_out" else adapter.block(1)
+    opts = TargetOptions(steps=4, lr=0.5, early_stop_loss=0.0)
+    calls = {"n": 0}
+    h = adapter.mlp(0).register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    try:
+        fast = optimise_targets(loaded, REQUESTS, TEMPLATES, module, "subject_last", opts)
+        runs_fast = calls["n"]
+        calls["n"] = 0
+        slow = optimise_targets(loaded, REQUESTS, TEMPLATES, module, "subject_last",
+                                dataclasses.replace(opts, replay=False))
+        runs_slow = calls["n"]
+    finally:
+        h.remove()
+    assert runs_fast == 1 and runs_slow == opts.steps + 1   # block 0 ran once vs at every step
+    assert torch.allclose(fast.delta, slow.delta, atol=1e-5, rtol=1e-4)
+    assert fast.steps == slow.steps
+    assert fast.nll == pytest.approx(slow.nll, rel=1e-4, abs=1e-6)
+    # the blocks' own forward is back after the replay
+    assert "forward" not in vars(adapter.block(0))
+
+
+def test_block_index_finds_the_enclosing_block():
+    loaded = tiny_model("llama")
+    a = loaded.adapter
+    assert block_index(a, a.mlp_out(1)) == 1 and block_index(a, a.block(0)) == 0
+    with pytest.raises(ValueError):
+        block_index(a, a.final_norm())
