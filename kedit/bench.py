@@ -8,6 +8,17 @@ every case is done.  A directory without ``metrics.json`` is unfinished.
 Resume (independent edits): records of batches that finished completely are kept; a
 batch that was cut off half-way is dropped from the log and redone from the original
 weights, so no case is lost or counted twice.
+
+Sequential runs (edits accumulate) keep their state on disk as they go: after each
+batch its records (post = the metrics right after that edit) are appended to the log,
+then ``checkpoint.safetensors`` is replaced atomically by the current values of every
+edited parameter plus the method's sequential state (``Method.state``), with the number
+of edits it holds.  Resume keeps the first ``edits`` records, loads the weights and the
+state, and goes on; at the end every case is evaluated on the final model, the log is
+rewritten with those final metrics (``post``; ``post_immediate`` the right-after-edit
+ones), and the checkpoint is removed.  ``--checkpoint-every K`` adds a point to
+``curve.jsonl`` after each K edits (all cases edited so far, evaluated on the model at
+that moment); the curve goes into ``metrics.json["curve"]``.
 """
 
 from __future__ import annotations
@@ -16,11 +27,14 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 import yaml
+
+from kedit.atomic import atomic_path
 
 from kedit.cases import EditCase, load_cases
 from kedit.paths import package_data
-from kedit.runner import metrics_summary, run_edits
+from kedit.runner import Resume, metrics_summary, run_edits
 from kedit.runs import append_record, read_results, write_json, write_text
 
 # name -> (file under kedit/data, layout, note shown with the numbers)
@@ -61,21 +75,94 @@ def complete_records(records: list[dict], batch_size: int) -> list[dict]:
     return kept
 
 
+CHECKPOINT = "checkpoint.safetensors"
+CURVE = "curve.jsonl"
+
+
+def save_checkpoint(run_dir: Path, edits: int, weights: dict[str, torch.Tensor],
+                    state: dict[str, torch.Tensor]) -> None:
+    """The sequential run's state after ``edits`` edits (atomic replace)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"weight/{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
+    tensors.update({f"state/{k}": v.detach().cpu().contiguous() for k, v in state.items()})
+    with atomic_path(run_dir / CHECKPOINT) as tmp:
+        save_file(tensors, str(tmp), metadata={"edits": str(edits)})
+
+
+def load_checkpoint(run_dir: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    from safetensors import safe_open
+
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    weights, state = {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        edits = int((f.metadata() or {})["edits"])
+        for k in f.keys():
+            kind, _, name = k.partition("/")
+            (weights if kind == "weight" else state)[name] = f.get_tensor(k)
+    return edits, weights, state
+
+
+def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
+                    checkpoint_every: int | None, progress: Callable[[dict], None] | None, extra_metrics) -> dict:
+    log, curve_log = run_dir / "results.jsonl", run_dir / CURVE
+    saved = load_checkpoint(run_dir)
+    resume = None
+    if saved is not None:
+        edits, weights, state = saved
+        records = read_results(log)[:edits]
+        if len(records) != edits:
+            raise BenchError(f"{run_dir}: checkpoint holds {edits} edits but the log has {len(records)} records")
+        resume = Resume(records, weights, state)
+    curve = [p for p in read_results(curve_log) if resume and p["edits"] <= len(resume.records)]
+    write_text(log, "".join(json.dumps(r) + "\n" for r in (resume.records if resume else [])))
+    write_text(curve_log, "".join(json.dumps(p) + "\n" for p in curve))
+
+    edits = [len(resume.records) if resume else 0]
+
+    def on_batch(recs: list[dict], weights: dict[str, torch.Tensor]) -> None:
+        for rec in recs:
+            append_record(log, rec)
+        edits[0] += len(recs)
+        save_checkpoint(run_dir, edits[0], weights, method.state())
+        for rec in recs:
+            if progress:
+                progress(rec)
+
+    def on_point(point: dict) -> None:
+        append_record(curve_log, point)
+        curve.append(point)
+
+    result = run_edits(method, cases, sequential=True, batch_size=size, checkpoint_every=checkpoint_every,
+                       on_checkpoint=on_point, on_batch=on_batch, resume=resume, extra_metrics=extra_metrics)
+    write_text(log, "".join(json.dumps(r) + "\n" for r in result.records))
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    metrics = metrics_summary(result.records)
+    if curve:
+        metrics["curve"] = curve
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
 def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: int | None = None,
-              sequential: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+              sequential: bool = False, checkpoint_every: int | None = None,
+              progress: Callable[[dict], None] | None = None, extra_metrics=None) -> dict:
     """Edit and evaluate ``cases``, appending each finished case to ``run_dir/results.jsonl``.
 
-    Cases already in the log (from an interrupted run) are skipped; returns metrics.json's
-    content once every case is done.
+    Cases already in the log (from an interrupted run) are skipped (sequential runs go
+    on from their checkpoint); returns metrics.json's content once every case is done.
     """
     run_dir = Path(run_dir)
     log = run_dir / "results.jsonl"
     native = getattr(method, "batch_native", False)
     size = batch_size or (len(cases) if native else 1)
-    done = complete_records(read_results(log), size) if not sequential else []
-    if sequential and log.exists() and log.stat().st_size:
-        raise BenchError(f"{run_dir}: a sequential run cannot be resumed (edits accumulate in memory); "
-                         f"start it again")
+    if sequential:
+        return _run_sequential(method, cases, run_dir, size, checkpoint_every, progress, extra_metrics)
+    if checkpoint_every:
+        raise BenchError("--checkpoint-every needs --sequential (independent edits have no accumulated state)")
+    done = complete_records(read_results(log), size)
     # Rewrite the log with the complete batches only (atomic), then append from there.
     write_text(log, "".join(json.dumps(r) + "\n" for r in done))
     done_ids = {r["case_id"] for r in done}
@@ -92,11 +179,7 @@ def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: i
             progress(rec)
 
     if todo:
-        result = run_edits(method, todo, sequential=sequential, batch_size=size,
-                           on_case=None if sequential else on_case)
-        if sequential:  # post-edit metrics exist only after the last edit
-            for rec in result.records:
-                on_case(rec)
+        run_edits(method, todo, batch_size=size, on_case=on_case, extra_metrics=extra_metrics)
     records = read_results(log)
     metrics = metrics_summary(records)
     write_json(run_dir / "metrics.json", metrics)

@@ -131,6 +131,8 @@ class EditCase:
     portability: tuple[PromptSet, ...] = ()
     generation_prompts: tuple[str, ...] = ()  # ROME layout only
     attribute_prompts: tuple[str, ...] = ()  # ROME layout only; their answer is target_new
+    relation_id: str | None = None  # ROME layout only (e.g. "P103"): finds consistency's reference texts
+    target_new_id: str | None = None  # ROME layout only (Wikidata id of target_new)
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -176,6 +178,10 @@ class EditCase:
             out["attribute_prompts"] = list(self.attribute_prompts)
         if self.generation_prompts:
             out["generation_prompts"] = list(self.generation_prompts)
+        if self.relation_id is not None:
+            out["relation_id"] = self.relation_id
+        if self.target_new_id is not None:
+            out["target_new_id"] = self.target_new_id
         return out
 
 
@@ -393,6 +399,10 @@ def _parse_prompt_record(rec: dict, default_id: str, source: str) -> EditCase:
     generation = () if rec.get("generation_prompts") is None else \
         _prompt_list(rec["generation_prompts"], "generation_prompts")
     case_id = default_id if rec.get("case_id") is None else _case_id(rec["case_id"])
+    ids = {}
+    for key in ("relation_id", "target_new_id"):
+        if rec.get(key) is not None:
+            ids[key] = _string(rec[key], key)
     return EditCase(
         case_id=case_id,
         template=template,
@@ -405,6 +415,7 @@ def _parse_prompt_record(rec: dict, default_id: str, source: str) -> EditCase:
         generation_prompts=generation,
         attribute_prompts=attribute,
         source=source,
+        **ids,
     )
 
 
@@ -444,6 +455,8 @@ def _parse_rome_record(rec: dict, default_id: str, source: str) -> EditCase:
         locality=locality,
         generation_prompts=plist("generation_prompts"),
         attribute_prompts=plist("attribute_prompts"),
+        relation_id=str(rw["relation_id"]) if rw.get("relation_id") is not None else None,
+        target_new_id=str(rw["target_new"]["id"]) if rw["target_new"].get("id") is not None else None,
         source=source,
     )
 

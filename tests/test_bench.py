@@ -99,3 +99,51 @@ def test_half_done_batch_is_redone(tiny_bench):
     again = read_results(run / "results.jsonl")
     assert [r["case_id"] for r in again] == ["c0", "c1", "c2", "c3"]
     assert again[:2] == full[:2]
+
+
+def test_sequential_bench_resumes_from_its_checkpoint_with_the_same_numbers(tiny_bench, monkeypatch):
+    args, tmp = tiny_bench
+    seq = [*args, "--sequential", "--checkpoint-every", "2"]
+    res = runner.invoke(app, [*seq, "--out", str(tmp / "clean")])
+    assert res.exit_code == 0, res.output
+    (clean,) = list((tmp / "clean").iterdir())
+    want = json.loads((clean / "metrics.json").read_text())
+    assert [p["edits"] for p in want["curve"]] == [2, 4, 5]
+    assert not (clean / "checkpoint.safetensors").exists()
+
+    import kedit.methods.rome as rome_mod
+    real = rome_mod.ROME.compute
+    calls = {"n": 0}
+
+    def flaky(self, requests):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # Ctrl-C during the fourth edit
+        return real(self, requests)
+    monkeypatch.setattr(rome_mod.ROME, "compute", flaky)
+    res = runner.invoke(app, [*seq, "--out", str(tmp / "cut")])
+    assert res.exit_code == 130
+    (run,) = list((tmp / "cut").iterdir())
+    assert (run / "checkpoint.safetensors").exists() and not (run / "metrics.json").exists()
+    assert len(read_results(run / "results.jsonl")) == 3
+    monkeypatch.setattr(rome_mod.ROME, "compute", real)
+    res = runner.invoke(app, ["bench", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    got = json.loads((run / "metrics.json").read_text())
+    assert got == want  # same final metrics and the same curve as the uninterrupted run
+    recs = read_results(run / "results.jsonl")
+    assert [r["case_id"] for r in recs] == ["c0", "c1", "c2", "c3", "c4"]
+    assert all("post_immediate" in r for r in recs)
+    assert not (run / "checkpoint.safetensors").exists()
+
+
+def test_bench_generation_metrics(tiny_bench):
+    args, tmp = tiny_bench
+    res = runner.invoke(app, [*args, "-n", "2", "--generation", "--gen-tokens", "8"])
+    assert res.exit_code == 0, res.output
+    (run,) = list((tmp / "runs").iterdir())
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["pre"]["fluency"] > 0 and m["post"]["fluency"] > 0
+    assert "consistency" not in m["post"]  # no reference data given
+    res = runner.invoke(app, [*args, "--checkpoint-every", "2"])
+    assert res.exit_code == 2 and "--sequential" in res.output

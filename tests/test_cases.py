@@ -112,6 +112,9 @@ def test_rome_original_layout():
         assert set(nb.ground_truths) == {case.ground_truth}
         assert case.attribute_prompts == tuple(rec["attribute_prompts"])
         assert case.generation_prompts == tuple(rec["generation_prompts"])
+        assert (case.relation_id, case.target_new_id) == (rw["relation_id"], rw["target_new"]["id"])
+    # the ids survive a round trip through the kedit layout (consistency needs them)
+    assert case_from_dict(cases[0].to_dict()) == cases[0]
     first = cases[0]
     assert (first.case_id, first.prompt, first.target_new, first.ground_truth) == (
         "20952", "Angola is located in", "Antarctica", "Africa")

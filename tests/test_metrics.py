@@ -199,6 +199,8 @@ def test_evaluate_cases_pre_edit_hand_computed(wtok):
     assert m["rewrite_acc"] == 0.0  # argmax after "in" is Paris
     assert m["rephrase_acc"] == 0.5  # Paris after "in", Rome after "located"
     assert m["locality_acc"] == 1.0  # pre-edit by definition
+    # specificity: Paris after "France is" (1), Rome not Paris after "city of" (0), "Italian French" (1)
+    assert m["specificity_acc"] == pytest.approx(2 / 3)
     assert m["portability_acc"] == 0.5  # Rome after "of" right, Italy (not France) after "Rome"
     assert m["efficacy_success"] == 0.0
     assert m["efficacy_magnitude"] == pytest.approx(0.25 - 0.5)
@@ -208,7 +210,7 @@ def test_evaluate_cases_pre_edit_hand_computed(wtok):
     assert m["neighborhood_magnitude"] == pytest.approx(((0.7 - 0.1) + (0.3 - 0.5) + (math.sqrt(0.6 * 0.5) - R)) / 3)
 
     assert per_case[1] == {"rewrite_acc": 1.0}  # nothing else is provided by the bare case
-    assert per_case[2] == {"rewrite_acc": 1.0, "locality_acc": 1.0}  # "Paris" after "in"
+    assert per_case[2] == {"rewrite_acc": 1.0, "locality_acc": 1.0, "specificity_acc": 1.0}  # "Paris" after "in"
 
     ids = wtok.convert_tokens_to_ids
     assert ref[("c1", "neighborhood", 0)] == (ids("Paris"),)
@@ -227,6 +229,8 @@ def test_evaluate_cases_post_edit_hand_computed(wtok):
     assert m["rephrase_acc"] == 1.0
     # neighborhood items unchanged (1, 1); "Italian French": French -> Rome after "Italian" (0.5)
     assert m["locality_acc"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # against the answers themselves: 1, 0 (Rome after "of"), 0.5 (Rome, not French, after "Italian")
+    assert m["specificity_acc"] == pytest.approx((1 + 0 + 0.5) / 3)
     assert m["portability_acc"] == 0.5
     assert m["efficacy_success"] == 1.0
     assert m["efficacy_magnitude"] == pytest.approx(0.8 - 0.1)
@@ -298,7 +302,7 @@ def test_aggregate_score_zero_and_absent():
 def test_metric_registry_families_do_not_mix():
     easy = {k for k, v in METRICS.items() if v.family == "easyedit"}
     cf = {k for k, v in METRICS.items() if v.family == "counterfact"}
-    assert easy == {"rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc"}
+    assert easy == {"rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc", "specificity_acc"}
     assert all(k.endswith("_acc") for k in easy) and not any(k.endswith("_acc") for k in cf)
     assert all(isinstance(v.higher_is_better, bool) and v.description for v in METRICS.values())
     family, hib, desc = METRICS["score"]

@@ -83,6 +83,15 @@ METRICS: dict[str, MetricInfo] = {
     "neighborhood_magnitude": MetricInfo(
         "counterfact", True, "mean of P(true) - P(new) over neighborhood prompts"
     ),
+    "specificity_acc": MetricInfo(
+        "easyedit", True, "token accuracy of the locality answers on their prompts (zsRE specificity, MEND/MEMIT)"
+    ),
+    "fluency": MetricInfo(
+        "counterfact", True, "weighted bi-/tri-gram entropy of sampled generations (kedit.evaluation.fluency)"
+    ),
+    "consistency": MetricInfo(
+        "counterfact", True, "TF-IDF cosine of generations vs reference texts on target_new (needs --reference)"
+    ),
     "score": MetricInfo(
         "counterfact",
         True,
@@ -218,6 +227,9 @@ def evaluate_cases(
       positions (teacher forced on the locality ground truth) where the argmax
       now equals the argmax in ``reference`` (the pre-edit model's). Without a
       reference this *is* the pre-edit call and the value is 1.0 by definition.
+    * ``specificity_acc`` = mean over all locality prompts of acc(locality answer | prompt):
+      the MEND / MEMIT zsRE "specificity" (accuracy on the unrelated NQ question's own
+      answer, not agreement with the pre-edit model -- that is ``locality_acc``).
     * ``portability_acc`` = mean over all portability prompts of acc(answer | prompt).
     * ``efficacy_success`` = [P(new) > P(true)] on the edit prompt, i.e.
       mean_nll(new) < mean_nll(true); ``efficacy_magnitude`` = P(new) - P(true).
@@ -296,6 +308,7 @@ def evaluate_cases(
                     )
                 accs.append(float((pre == post).double().mean()))
             m["locality_acc"] = _mean(accs)
+            m["specificity_acc"] = _mean([token_accuracy(scores[g]) for _, g, _ in plan.locality])
         if plan.portability:
             m["portability_acc"] = _mean([token_accuracy(scores[i]) for i in plan.portability])
         if plan.rewrite_true is not None:

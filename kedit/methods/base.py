@@ -6,7 +6,8 @@
   use safetensors only.
 * :class:`Method` -- ``Params`` (frozen dataclass), ``prepare()`` (statistics, caches;
   idempotent), ``compute(requests) -> Delta`` (the model is unchanged on return),
-  ``commit(delta)`` (sequential state; default no-op).
+  ``commit(delta)`` (sequential state; default no-op), ``state()`` / ``load_state()``
+  (that state as named tensors, so a sequential run can be resumed).
 
 The runner loop is the same for every method: prepare; for each batch compute -> apply
 -> evaluate -> record -> commit or revert.
@@ -169,3 +170,13 @@ class Method:
 
     def commit(self, delta: Delta) -> None:
         """Called when a delta stays applied (sequential editing); default: nothing to keep."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The sequential state built by :meth:`commit` (e.g. AlphaEdit's accumulated keys),
+        as named tensors a resumable run saves beside the weights; default: none."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state` returned (resuming a sequential run)."""
+        if tensors:
+            raise ValueError(f"method '{self.name}' keeps no sequential state, got {sorted(tensors)[:3]}")
