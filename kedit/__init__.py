@@ -1,11 +1,15 @@
 """kedit: a command-line experiment runner for knowledge editing of language models.
 
-Python API (the CLI is a thin layer over it)::
+Python API (the CLI is a thin layer over it; see :mod:`kedit.api`)::
 
     import kedit
     model = kedit.load_model("smollm2-135m")
     result = kedit.edit(model, "cases/messi.jsonl", method="rome")
     result.metrics["post"]["rewrite_acc"]
+    with result.applied():
+        kedit.generate(model, ["Lionel Messi plays"])
+
+Nothing heavy is imported until a function is called.
 """
 
 __version__ = "0.1.0"
@@ -25,4 +29,25 @@ def edit(*args, **kwargs):
     return _edit(*args, **kwargs)
 
 
-__all__ = ["__version__", "edit", "load_model"]
+def load_run(*args, **kwargs):
+    """See :func:`kedit.api.load_run`."""
+    from kedit.api import load_run as _load_run
+
+    return _load_run(*args, **kwargs)
+
+
+def generate(*args, **kwargs):
+    """See :func:`kedit.api.generate`."""
+    from kedit.api import generate as _generate
+
+    return _generate(*args, **kwargs)
+
+
+def compare_gen(*args, **kwargs):
+    """See :func:`kedit.api.compare_gen` (named so as not to clash with the module kedit.compare)."""
+    from kedit.api import compare_gen as _compare_gen
+
+    return _compare_gen(*args, **kwargs)
+
+
+__all__ = ["__version__", "compare_gen", "edit", "generate", "load_model", "load_run"]

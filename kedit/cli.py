@@ -601,6 +601,218 @@ def trace(model: str = ModelOpt,
     console.print(f"run written to [bold]{run_dir}[/bold]")
 
 
+# --------------------------------------------------------------------------- compare-gen, apply, runs, report
+
+def _run_errors():
+    from kedit.bench import BenchError
+    from kedit.patch import PatchError
+    from kedit.report import ReportError
+
+    return (PatchError, ReportError, BenchError, *user_errors())
+
+
+@app.command("compare-gen")
+def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (kedit edit); or --cases to edit now"),
+                prompt: list[str] = typer.Option(None, "--prompt", "-p", help="a prompt (repeatable); default: "
+                                                 "the cases' prompts, rephrasings, locality and subject prompts"),
+                prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="prompts file: one a line, or JSONL with 'prompt'"),
+                max_new_tokens: int = typer.Option(24, "--max-new-tokens", help="tokens per continuation"),
+                sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
+                temperature: float = typer.Option(1.0, "--temperature", help="sampling temperature"),
+                seed: int = typer.Option(0, "--seed", help="sampling seed (and the edit's seed with --cases)"),
+                case: Optional[str] = typer.Option(None, "--case", help="only this case's edit and prompts"),
+                all_: bool = typer.Option(False, "--all", help="every independent edit at once (their sum)"),
+                model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the run's; "
+                                                    "with --cases: smollm2-135m)"),
+                force: bool = typer.Option(False, "--force", help="use a model whose fingerprint is not the run's"),
+                cases: Optional[Path] = typer.Option(None, "--cases", help="edit these cases now instead of reading a run"),
+                method: str = typer.Option("rome", "--method", help="with --cases: the editing method"),
+                hparams: Optional[Path] = typer.Option(None, "--hparams", help="with --cases: hyperparameter YAML"),
+                set_: list[str] = typer.Option(None, "--set", help="with --cases: override one hyperparameter"),
+                stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
+                out: Optional[Path] = typer.Option(None, "--out", help="with --cases: write compare-gen.md/.jsonl here"),
+                device: str = DeviceOpt,
+                dtype: Optional[str] = typer.Option(None, "--dtype", help="default: the run's (float32 with --cases)")):
+    """Generate before and after an edit, side by side; writes compare-gen.md/.jsonl into the run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kedit.api import edit as api_edit
+    from kedit.compare import compare_result, compare_run, read_prompts_file, write_compare
+    from kedit.generation import render_table
+
+    if (run is None) == (cases is None):
+        fail("give a run directory or --cases FILE (not both)")
+    if max_new_tokens < 1:
+        fail(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if sample and not temperature > 0:
+        fail(f"--temperature {temperature}: must be > 0")
+    try:
+        prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
+        options = dict(case=case, all_=all_, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                       seed=seed)
+        if run is not None:
+            with err.status("[bold]loading, then generating before and after the edit ..."):
+                rows, paths = compare_run(run, model=model, prompts=prompts or None, force=force, device=device,
+                                          dtype=dtype, progress=_say, **options)
+        else:
+            from kedit.cases import load_cases
+
+            case_list = load_cases(cases)
+            loaded = _load(model or "smollm2-135m", device, dtype or "float32")
+            with Progress(TextColumn("[bold]editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=err) as bar:
+                task = bar.add_task("edit", total=len(case_list))
+                result = api_edit(loaded, case_list, method, str(hparams) if hparams else None, seed=seed,
+                                  stats_dir=stats_dir, on_progress=lambda k: bar.advance(task, k), **parse_sets(set_))
+            with err.status("[bold]generating before and after the edit ..."):
+                rows = compare_result(loaded, result, prompts or None, **options)
+            paths = write_compare(rows, out, f"compare-gen: {method} on {loaded.name}, {cases} "
+                                  f"({rows[0]['decoding']})") if out else None
+    except KeyError as e:
+        fail(str(e.args[0]))
+    except _run_errors() as e:
+        fail(str(e))
+    render_table(rows, console, title=f"before / after ({rows[0]['decoding']}, {max_new_tokens} new tokens)")
+    if paths:
+        console.print(f"written: {paths[1]}  {paths[0]}", highlight=False, soft_wrap=True)
+
+
+@app.command("apply")
+def apply_patch(run: Path = typer.Argument(..., help="run directory whose delta.safetensors to apply"),
+                out: Path = typer.Option(..., "--out", help="new directory for the edited model"),
+                model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the run's)"),
+                case: Optional[str] = typer.Option(None, "--case", help="the edit of this case (runs of several cases)"),
+                all_: bool = typer.Option(False, "--all", help="every independent edit at once (their sum: a model "
+                                          "no run evaluated)"),
+                force: bool = typer.Option(False, "--force", help="apply to a model whose fingerprint is not the run's"),
+                dtype: Optional[str] = typer.Option(None, "--dtype", help="default: the run's")):
+    """Write the edited model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads it)."""
+    from kedit.patch import export_run
+
+    try:
+        with err.status("[bold]loading the base model, applying the patch, saving ..."):
+            path, applied, loaded = export_run(run, out, model=model, case=case, all_=all_, force=force, dtype=dtype,
+                                               progress=_say)
+    except _run_errors() as e:
+        fail(str(e))
+    labels = ", ".join(str(d.meta.get("label")) for d in applied)
+    console.print(f"{loaded.name} + {len(applied)} delta(s) ({labels}) -> [bold]{path}[/bold]\n"
+                  f"load it with AutoModelForCausalLM.from_pretrained({str(path)!r})", highlight=False, soft_wrap=True)
+
+
+@app.command("runs")
+def runs_list(root: Path = typer.Argument(Path("runs"), help="directory of run directories")):
+    """A table of the runs in a directory: time, method, model, n, headline metrics."""
+    from kedit.report import list_runs, runs_table
+
+    try:
+        found = list_runs(root)
+    except _run_errors() as e:
+        fail(str(e))
+    if not found:
+        console.print(f"{root}: no runs")
+        return
+    console.print(runs_table(found, title=f"{len(found)} runs in {root}"))
+
+
+@app.command()
+def report(runs: list[Path] = typer.Argument(..., help="run directories to compare"),
+           out: Optional[Path] = typer.Option(None, "--out", help="where report.md and the PNGs go "
+                                              "(default reports/<time>)")):
+    """Compare runs side by side: a markdown report and PNG charts (pre vs post; sequential curves)."""
+    import datetime as dt
+
+    from kedit.report import comparison_table, summarize, write_report
+
+    out = out or Path("reports") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        summaries = [summarize(r) for r in runs]
+        written = write_report(runs, out)
+    except _run_errors() as e:
+        fail(str(e))
+    console.print(comparison_table(summaries))
+    for kind, path in written.items():
+        console.print(f"{kind}: {path}", highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- causal tracing
+
+@app.command()
+def trace(model: str = ModelOpt,
+          prompt: Optional[str] = typer.Option(None, "--prompt", help="prompt to trace (heatmaps)"),
+          subject: Optional[str] = typer.Option(None, "--subject", help="the subject, as it occurs in --prompt"),
+          target: Optional[str] = typer.Option(None, "--target", help="answer traced through its first token "
+                                               "(default: the model's greedy prediction)"),
+          kind: list[str] = typer.Option(None, "--kind", help="hidden | mlp | attn, repeatable (default: all three; "
+                                         "with --cases only: mlp and hidden)"),
+          cases: Optional[Path] = typer.Option(None, "--cases", help="cases file: average indirect effect per layer "
+                                               "at the last subject token (answer: ground_truth)"),
+          samples: int = typer.Option(10, "--samples", help="noise draws"),
+          noise: float = typer.Option(3.0, "--noise", help="noise = this x the embedding standard deviation"),
+          window: int = typer.Option(10, "--window", help="layers restored together for mlp / attn"),
+          seed: int = typer.Option(0, "--seed"),
+          batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="tokens per forward pass"),
+          out: Path = typer.Option(Path("runs"), "--out", help="where run directories go"),
+          fmt: str = typer.Option("auto", "--format", help="cases layout: auto | kedit | easyedit | rome | zsre"),
+          device: str = DeviceOpt, dtype: str = DtypeOpt):
+    """Causal tracing (ROME): which layers' states carry the fact; heatmaps and the layer to edit."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from kedit.cases import load_cases
+    from kedit.experiment import versions
+    from kedit.trace import (TraceError, TraceSettings, configured_layers, embedding_std, prepare_prompt,
+                             settings_dict, total_restorations, trace_cases, trace_prompt)
+    from kedit.trace_report import write_trace_run
+
+    if prompt is None and cases is None:
+        fail("give --prompt and --subject (heatmaps), --cases FILE (average curve), or both")
+    if prompt is not None and subject is None:
+        fail("--prompt needs --subject (the subject as it occurs in the prompt)")
+    try:
+        kinds = tuple(kind) if kind else (("hidden", "mlp", "attn") if prompt else ("mlp", "hidden"))
+        settings = TraceSettings(kinds=kinds, samples=samples, noise=noise, window=window, seed=seed,
+                                 batch_tokens=batch_tokens)
+        case_list = load_cases(cases, fmt) if cases else None
+        loaded = _load(model, device, dtype)
+        noise_scale = embedding_std(loaded, noise)
+        tp = prepare_prompt(loaded, prompt, subject, target) if prompt else None
+    except (TraceError, *user_errors()) as e:
+        fail(str(e))
+    config = {"model": loaded.describe(), "settings": settings_dict(settings, noise_scale),
+              "prompt": {"prompt": prompt, "subject": subject, "target": target} if prompt else None,
+              "cases": {"file": str(cases), "n": len(case_list)} if case_list else None,
+              "versions": versions(), "command": " ".join(["kedit", *sys.argv[1:]])}
+    _say(f"tracing {loaded.name} ({loaded.device}): noise {noise} x std {noise_scale.std:.4g}, "
+         f"{samples} draws, kinds {', '.join(settings.kinds)}")
+    prompt_trace = cases_trace = None
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=err) as bar:
+            if tp is not None:
+                task = bar.add_task("restorations", total=total_restorations(tp, loaded.adapter.n_layers,
+                                                                             settings.kinds))
+                prompt_trace = trace_prompt(loaded, tp, settings, noise_scale, lambda k: bar.advance(task, k))
+            if case_list:
+                ctask = bar.add_task("cases", total=len(case_list))
+                cases_trace = trace_cases(loaded, case_list, settings, noise_scale,
+                                          lambda rec: bar.advance(ctask, 1))
+        configured = configured_layers(loaded)
+        run_dir = write_trace_run(out, {**config, "configured": configured}, prompt_trace, cases_trace, configured)
+    except TraceError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print("interrupted: no run directory written")
+        raise typer.Exit(130)
+    if prompt_trace is not None:
+        console.print(f"answer {tp.answer!r} ({tp.answer_source}): p_clean {prompt_trace.p_clean:.4f}, "
+                      f"p_corrupt {prompt_trace.p_corrupt:.4f}", highlight=False)
+    if cases_trace is not None and (sug := cases_trace.suggestion()):
+        console.print(f"average MLP indirect effect over {len(case_list)} cases: suggested ROME layer "
+                      f"{sug['rome_layer']}, MEMIT layers {sug['memit_layers']} (configured: ROME "
+                      f"{configured['rome_layer']}, MEMIT {configured['memit_layers']})", highlight=False)
+    console.print(f"run written to [bold]{run_dir}[/bold]")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -110,12 +110,16 @@ def write_run(out_root: str | Path, loaded: LoadedModel, method: Method, result:
         raise
 
 
-def generations_before_after(loaded: LoadedModel, result: EditResult, max_new_tokens: int = 24) -> list[dict]:
-    """Greedy continuations before and after the edit of each case's default prompts."""
+def generations_before_after(loaded: LoadedModel, result: EditResult, max_new_tokens: int = 24,
+                             prompts: list[dict] | None = None, **options) -> list[dict]:
+    """Continuations before and after the edit of each case's default prompts (or of
+    ``prompts``, rows ``{"case_id", "kind", "prompt"}``): a row is generated under its own
+    case's delta, or under every step of a sequential result.  ``options`` go to
+    :func:`kedit.generation.generate` (greedy by default)."""
     from kedit.generation import default_prompts, generate
 
-    prompts = default_prompts(result.cases)
-    before = generate(loaded, [p["prompt"] for p in prompts], max_new_tokens)
+    prompts = default_prompts(result.cases) if prompts is None else list(prompts)
+    before = generate(loaded, [p["prompt"] for p in prompts], max_new_tokens, **options)
     after: list[str] = [""] * len(prompts)
     if result.sequential:
         applied = [d for _, d in sorted(result.deltas.items(), key=lambda kv: int(kv[0].removeprefix("batch")))]
@@ -132,7 +136,7 @@ def generations_before_after(loaded: LoadedModel, result: EditResult, max_new_to
         try:
             for d in deltas:
                 done.append(d.apply(loaded.model))
-            texts = generate(loaded, [prompts[i]["prompt"] for i in idx], max_new_tokens)
+            texts = generate(loaded, [prompts[i]["prompt"] for i in idx], max_new_tokens, **options)
         finally:
             for d in reversed(done):
                 d.revert(loaded.model)

@@ -1,0 +1,408 @@
+"""Run reports: ``kedit runs`` (a table of the runs in a directory) and ``kedit report``
+(several runs side by side: a markdown report and PNG charts).
+
+A run is a directory with a ``config.yaml`` (``kedit edit`` or ``kedit bench``).  Its
+numbers come from ``metrics.json``; a bench run that has not finished has none, and is
+summarised from the cases in its ``results.jsonl`` so far (marked unfinished).
+
+Charts (matplotlib, Agg, no pyplot state):
+
+* ``report.png`` -- one panel per metric with values in [0, 1] (the EasyEdit token
+  accuracies, the CounterFact success rates, the score); in each panel, per run, the
+  mean before the edit (light bar) and after it (solid bar), the value written on top.
+* ``report-curve.png`` -- for runs whose ``metrics.json`` has a ``"curve"`` (sequential
+  bench runs: ``[{"edits": k, "n": k, "post": {metric: mean}}, ...]``, the means over the
+  first k cases after k edits), one panel per metric, the metric against the number of
+  edits, one line per run; the dotted line is the run's mean before editing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kedit.atomic import atomic_path, write_text
+
+#: Metrics shown by ``kedit runs`` (post-edit means), with their column names: the three
+#: EasyEdit accuracies and the CounterFact score (which sums up ES, PS and NS).
+HEADLINE = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "locality", "score": "score"}
+
+#: Metrics drawn in the charts (all lie in [0, 1]), in this order, with their panel titles.
+CHART_METRICS = {
+    "rewrite_acc": "rewrite acc (reliability)",
+    "rephrase_acc": "rephrase acc (generality)",
+    "locality_acc": "locality acc",
+    "portability_acc": "portability acc",
+    "efficacy_success": "efficacy success (ES)",
+    "paraphrase_success": "paraphrase success (PS)",
+    "neighborhood_success": "neighbourhood success (NS)",
+    "score": "score (harmonic mean ES/PS/NS)",
+}
+
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+class ReportError(ValueError):
+    """A directory that is not a readable run (one-line message)."""
+
+
+@dataclass
+class RunSummary:
+    path: Path
+    run_id: str
+    time: _dt.datetime | None
+    kind: str                     # "edit" or "bench <name>"
+    method: str
+    model: str
+    n: int
+    n_planned: int | None
+    mode: str                     # independent | sequential | batch B
+    complete: bool
+    metrics: dict                 # metrics.json content ({"n", "pre", "post", "stderr", ...})
+    config: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def curve(self) -> list[dict]:
+        return list(self.metrics.get("curve") or [])
+
+    @property
+    def status(self) -> str:
+        return "complete" if self.complete else f"unfinished {self.n}/{self.n_planned or '?'}"
+
+    @property
+    def cases_name(self) -> str:
+        """The benchmark's name, or the stem of the cases file."""
+        if self.kind.startswith("bench "):
+            return self.kind.removeprefix("bench ")
+        return Path(str((self.config.get("cases") or {}).get("file") or "?")).stem
+
+    @property
+    def label(self) -> str:
+        extra = "" if self.mode == "independent" else f", {self.mode}"
+        return f"{self.method}, {self.cases_name}, n={self.n}{extra}"
+
+
+def _time(run_id: str, path: Path) -> _dt.datetime | None:
+    """The UTC time at the start of a run id (``YYYYmmdd-HHMMSS-...``), else the
+    config file's modification time."""
+    try:
+        return _dt.datetime.strptime(run_id[:15], "%Y%m%d-%H%M%S").replace(tzinfo=_dt.timezone.utc)
+    except ValueError:
+        try:
+            return _dt.datetime.fromtimestamp((path / "config.yaml").stat().st_mtime, _dt.timezone.utc)
+        except OSError:
+            return None
+
+
+def summarize(run_dir: str | os.PathLike) -> RunSummary:
+    """Read one run directory (see the module docstring)."""
+    from kedit.runner import metrics_summary
+    from kedit.runs import read_results
+
+    path = Path(run_dir)
+    cfg_file = path / "config.yaml"
+    if not cfg_file.is_file():
+        raise ReportError(f"{path}: no config.yaml (not a kedit run directory)")
+    try:
+        config = yaml.safe_load(cfg_file.read_text()) or {}
+        metrics_file = path / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    except (yaml.YAMLError, ValueError, OSError) as e:
+        raise ReportError(f"{path}: unreadable run files ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ReportError(f"{cfg_file}: expected a mapping")
+    complete = metrics is not None
+    if metrics is None:
+        records = read_results(path / "results.jsonl")
+        metrics = metrics_summary(records) if records else {"n": 0, "pre": {}, "post": {}}
+    bench = config.get("bench") or {}
+    planned = (config.get("cases") or {}).get("n")
+    batch = config.get("batch_size")
+    mode = "sequential" if config.get("sequential") else (f"batch {batch}" if batch and batch > 1 else "independent")
+    run_id = str(config.get("run_id") or path.name)
+    return RunSummary(path=path, run_id=run_id, time=_time(run_id, path),
+                      kind=f"bench {bench.get('name')}" if bench else "edit", method=str(config.get("method", "?")),
+                      model=str((config.get("model") or {}).get("name", "?")), n=int(metrics.get("n", 0)),
+                      n_planned=planned, mode=mode, complete=complete, metrics=metrics, config=config)
+
+
+def list_runs(root: str | os.PathLike = "runs") -> list[RunSummary]:
+    """Every run directly under ``root`` (hidden and unreadable directories skipped),
+    oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(f"{root}: no such directory")
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or not (p / "config.yaml").is_file():
+            continue
+        try:
+            out.append(summarize(p))
+        except ReportError:
+            continue
+    epoch = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+    return sorted(out, key=lambda r: (r.time or epoch, r.run_id))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def fmt(v: Any, digits: int = 2) -> str:
+    return "–" if not isinstance(v, (int, float)) else f"{v:.{digits}f}"
+
+
+def runs_table(runs: list[RunSummary], title: str = "runs"):
+    """A rich table, one row per run: number, time, method, model, cases, n, post-edit
+    headline metrics.  The run directories are listed under it by number (the ids are long)."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    names = [m for m in HEADLINE if any(m in r.metrics.get("post", {}) for r in runs)]
+    t = Table(title=title, caption="metrics: means after the edit", box=box.SIMPLE_HEAD, show_edge=False,
+              padding=(0, 0, 0, 0))
+    t.add_column("#", justify="right", no_wrap=True)
+    t.add_column("UTC time", no_wrap=True)
+    for col in ("method", "model", "cases"):
+        t.add_column(col, overflow="fold", min_width=4)
+    t.add_column("n", justify="right", overflow="fold")
+    for m in names:
+        t.add_column(HEADLINE[m], justify="right", no_wrap=True)
+    for i, r in enumerate(runs, start=1):
+        n = str(r.n) if r.complete else f"{r.n}/{r.n_planned or '?'} unfinished"
+        method = r.method + ("" if r.mode == "independent" else f" ({r.mode})")
+        t.add_row(str(i), r.time.strftime("%m-%d %H:%M") if r.time else "?", method, r.model, r.cases_name, n,
+                  *[fmt(r.metrics.get("post", {}).get(m)) for m in names])
+    paths = Text("\n".join(f"{i:>3}  {r.path}" for i, r in enumerate(runs, start=1)), no_wrap=False)
+    return Group(t, paths)
+
+
+def comparison_table(runs: list[RunSummary], title: str = "runs compared"):
+    """A rich table, one row per metric, one column per run: pre -> post."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=title, caption="mean before -> after the edit", box=box.SIMPLE_HEAD)
+    t.add_column("metric", no_wrap=True)
+    for i, _ in enumerate(runs, start=1):
+        t.add_column(str(i), justify="right", no_wrap=True)
+    for m in _metric_names(runs):
+        t.add_row(m, *[_cell(r, m, markdown=False) for r in runs])
+    paths = Text("\n".join(f"{i:>3}  {r.label}  {r.path}" for i, r in enumerate(runs, start=1)))
+    return Group(t, paths)
+
+
+def _metric_names(runs: list[RunSummary]) -> list[str]:
+    names: dict[str, None] = {}
+    for r in runs:
+        for part in ("pre", "post"):
+            names.update(dict.fromkeys(r.metrics.get(part, {})))
+    return list(names)
+
+
+def _cell(r: RunSummary, metric: str, markdown: bool = True) -> str:
+    pre, post = r.metrics.get("pre", {}).get(metric), r.metrics.get("post", {}).get(metric)
+    if pre is None and post is None:
+        return "–"
+    se = (r.metrics.get("stderr") or {}).get("post", {}).get(metric)
+    after = f"**{fmt(post)}**" if markdown else fmt(post)
+    return f"{fmt(pre)} → {after}" + (f" ± {se:.2f}" if isinstance(se, (int, float)) and se else "")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+#: Config keys compared by the report ("what differs between these runs").
+DIFF_KEYS = ("method", "model.name", "model.dtype", "model.device", "sequential", "batch_size", "seed",
+             "cases.file", "cases.n", "bench.name", "bench.n", "bench.offset", "hparams_source")
+
+
+def config_differences(runs: list[RunSummary]) -> list[tuple[str, list[str]]]:
+    """(key, value per run) for the settings and hyperparameters that are not the same in every run."""
+    flats = [_flat(r.config) for r in runs]
+    keys = [k for k in DIFF_KEYS if any(k in f for f in flats)]
+    keys += sorted({k for f in flats for k in f if k.startswith("hparams.")})
+    out = []
+    for k in keys:
+        values = [json.dumps(f.get(k), default=str) if k in f else "–" for f in flats]
+        if len(set(values)) > 1:
+            out.append((k, values))
+    return out
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_report(runs: list[RunSummary], charts: dict[str, str]) -> str:
+    """The markdown report (``charts``: kind -> file name next to it)."""
+    lines = ["# kedit report", "",
+             f"{len(runs)} runs, written {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
+             "| # | run | kind | method | model | n | mode | status |", "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(runs, start=1):
+        lines.append(f"| {i} | {_md(r.path)} | {_md(r.kind)} | {_md(r.method)} | {_md(r.model)} | {r.n} | "
+                     f"{_md(r.mode)} | {r.status} |")
+    lines += ["", "## Metrics", "", "Mean before → **after** the edit (± standard error after the edit).", "",
+              "| metric | " + " | ".join(f"{i}: {_md(r.label)}" for i, r in enumerate(runs, start=1)) + " |",
+              "|---" * (len(runs) + 1) + "|"]
+    for m in _metric_names(runs):
+        lines.append(f"| {m} | " + " | ".join(_cell(r, m) for r in runs) + " |")
+    if "bars" in charts:
+        lines += ["", f"![pre and post per metric and run]({charts['bars']})"]
+    curved = [(i, r) for i, r in enumerate(runs, start=1) if r.curve]
+    if curved:
+        lines += ["", "## Sequential editing: metrics against the number of edits", "",
+                  "Mean over the cases edited so far, measured after the k-th edit."]
+        if "curve" in charts:
+            lines += ["", f"![metrics against the number of edits]({charts['curve']})"]
+        for i, r in curved:
+            names = [m for m in CHART_METRICS if any(m in p.get("post", {}) for p in r.curve)]
+            lines += ["", f"Run {i} ({_md(r.label)}):", "", "| edits | " + " | ".join(names) + " |",
+                      "|---" * (len(names) + 1) + "|"]
+            for p in r.curve:
+                lines.append(f"| {p.get('edits')} | " + " | ".join(fmt(p.get("post", {}).get(m)) for m in names) + " |")
+    diffs = config_differences(runs)
+    if diffs:
+        lines += ["", "## Settings that differ", "",
+                  "| setting | " + " | ".join(str(i) for i in range(1, len(runs) + 1)) + " |",
+                  "|---" * (len(runs) + 1) + "|"]
+        for k, values in diffs:
+            lines.append(f"| {_md(k)} | " + " | ".join(_md(v) for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def _grid(n: int, ncols: int = 4) -> tuple[int, int]:
+    ncols = min(ncols, n)
+    return -(-n // ncols), ncols
+
+
+def _key(fig, axes, n_used: int, handles: list, title: str = "runs") -> None:
+    """The legend of the runs: in the first unused panel, else under the figure."""
+    free = list(axes.flat[n_used:])
+    if free:
+        free[0].set_visible(True)
+        free[0].axis("off")
+        free[0].legend(handles=handles, loc="center", frameon=False, fontsize=8, title=title, title_fontsize=9,
+                       labelspacing=1.0)
+    else:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8,
+                   frameon=False)
+
+
+def bar_chart(runs: list[RunSummary], path: str | os.PathLike) -> Path | None:
+    """``report.png``: pre (light) vs post (solid) per metric panel, one bar pair per run."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    names = [m for m in CHART_METRICS if any(m in r.metrics.get("post", {}) for r in runs)]
+    if not names:
+        return None
+    rows, cols = _grid(len(names))
+    width_per_panel = max(3.2, 0.9 * len(runs) + 1.2)
+    fig = Figure(figsize=(width_per_panel * cols, 2.9 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    w = 0.38
+    for ax, m in zip(axes.flat, names):
+        for i, r in enumerate(runs):
+            colour = COLOURS[i % len(COLOURS)]
+            pre, post = r.metrics.get("pre", {}).get(m), r.metrics.get("post", {}).get(m)
+            for dx, v, alpha in ((-w / 2, pre, 0.3), (w / 2, post, 1.0)):
+                if isinstance(v, (int, float)):
+                    ax.bar(i + dx, v, w, color=colour, alpha=alpha, edgecolor=colour, linewidth=1.0)
+                    ax.text(i + dx, max(v, 0) + 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+                else:
+                    ax.text(i + dx, 0.02, "n/a", ha="center", va="bottom", fontsize=7, color="#777777")
+        ax.set_title(CHART_METRICS[m], fontsize=10)
+        ax.set_ylim(0, 1.15)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.set_xticks(range(len(runs)), [str(i) for i in range(1, len(runs) + 1)])
+        ax.set_xlim(-0.6, len(runs) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    grey = "#555555"
+    fig.legend(handles=[Patch(color=grey, alpha=0.3, label="before edit"), Patch(color=grey, label="after edit")],
+               loc="outside upper right", ncols=2, fontsize=9, frameon=False)
+    fig.suptitle("before vs after the edit, per metric (x: run number)", fontsize=12)
+    _key(fig, axes, len(names), [Patch(color=COLOURS[i % len(COLOURS)], label=f"{i + 1}: {r.label}\n{r.path.name}")
+                                 for i, r in enumerate(runs)])
+    _save(fig, Path(path))
+    return Path(path)
+
+
+def curve_chart(runs: list[RunSummary], path: str | os.PathLike) -> Path | None:
+    """``report-curve.png``: metric against the number of edits, one line per run with a curve."""
+    from matplotlib.figure import Figure
+
+    curved = [(i, r) for i, r in enumerate(runs) if r.curve]
+    names = [m for m in CHART_METRICS if any(m in p.get("post", {}) for _, r in curved for p in r.curve)]
+    if not names:
+        return None
+    rows, cols = _grid(len(names))
+    fig = Figure(figsize=(4.0 * cols, 3.0 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, m in zip(axes.flat, names):
+        for i, r in curved:
+            colour = COLOURS[i % len(COLOURS)]
+            pts = [(p["edits"], p["post"][m]) for p in r.curve if m in p.get("post", {})]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(xs) <= 60 else None, markersize=3, color=colour,
+                    label=f"{i + 1}: {r.label}\n{r.path.name}")
+            pre = r.metrics.get("pre", {}).get(m)
+            if isinstance(pre, (int, float)):
+                ax.axhline(pre, color=colour, linestyle=":", linewidth=1)
+        ax.set_title(CHART_METRICS[m], fontsize=10)
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_xlabel("number of edits", fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, _ = axes.flat[0].get_legend_handles_labels()
+    _key(fig, axes, len(names), handles)
+    fig.suptitle("sequential editing: mean over the cases edited so far (dotted: before editing)", fontsize=12)
+    _save(fig, Path(path))
+    return Path(path)
+
+
+def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Summarise ``run_dirs`` into ``out_dir``: report.md, report.png, report-curve.png
+    (when a run has a curve).  Returns what was written, by kind."""
+    if not run_dirs:
+        raise ReportError("give at least one run directory")
+    runs = [summarize(d) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if bar_chart(runs, out / "report.png"):
+        written["bars"] = out / "report.png"
+    if curve_chart(runs, out / "report-curve.png"):
+        written["curve"] = out / "report-curve.png"
+    write_text(out / "report.md", render_report(runs, {k: p.name for k, p in written.items()}))
+    written["markdown"] = out / "report.md"
+    return written
