@@ -510,12 +510,12 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
     """Compare runs side by side: a markdown report and PNG charts (pre vs post; sequential curves)."""
     import datetime as dt
 
-    from kedit.report import comparison_table, summarize, write_report
+    from kedit.report import comparison_table, distinguish, summarize, write_report
 
     out = out or Path("reports") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
-        summaries = [summarize(r) for r in runs]
-        written = write_report(runs, out)
+        summaries = distinguish([summarize(r) for r in runs])
+        written = write_report(summaries, out)
     except _run_errors() as e:
         fail(str(e))
     console.print(comparison_table(summaries))

@@ -23,6 +23,7 @@ not the run's base model is refused unless forced.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -222,6 +223,37 @@ def applied(module: torch.nn.Module, deltas: Sequence[Delta]) -> Iterator[None]:
 # --------------------------------------------------------------------------- exporting
 
 
+def savable_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, or a plain copy of it that ``save_pretrained`` accepts.
+
+    A model read from GGUF keeps ``quantization_config`` (``quant_method: gguf``) in its
+    config -- also the safetensors cache kedit converts GGUF into -- and transformers then
+    refuses ``save_pretrained``, although its weights are ordinary dequantised tensors.
+    Such a model is rebuilt from its config without the quantization entry, on the meta
+    device, and given the same tensors (``assign=True``: shared, not copied).  Other
+    quantisation methods (real low-bit weights) are refused.
+    """
+    from transformers import AutoModelForCausalLM
+
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None and getattr(model, "hf_quantizer", None) is None:
+        return model
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        raise PatchError(f"cannot export a model quantized with {method} (load it unquantized)")
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False, assign=True)
+    fresh.tie_weights()
+    still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
+    if still_meta or unexpected:
+        raise PatchError(f"cannot rebuild the model for saving: {(still_meta + list(unexpected))[:3]}")
+    fresh.generation_config = model.generation_config
+    return fresh
+
+
 def check_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PatchError(f"--out {out}: already exists and is not empty (choose a new directory)")
@@ -243,11 +275,16 @@ def export_model(loaded: LoadedModel, deltas: Sequence[Delta], out_dir: str | os
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
         with applied(loaded.model, deltas):
-            loaded.model.save_pretrained(tmp, safe_serialization=True)
+            savable_model(loaded.model).save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         info = {"base_model": loaded.name, "base_fingerprint": loaded.fingerprint,
                 "deltas": [d.meta.get("label", "") for d in deltas], **(provenance or {})}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp (and some writers) make private files; a model is shared
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)

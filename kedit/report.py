@@ -66,6 +66,7 @@ class RunSummary:
     complete: bool
     metrics: dict                 # metrics.json content ({"n", "pre", "post", "stderr", ...})
     config: dict = field(repr=False, default_factory=dict)
+    note: str = ""                # what tells this run from others with the same label (see distinguish)
 
     @property
     def curve(self) -> list[dict]:
@@ -85,7 +86,7 @@ class RunSummary:
     @property
     def label(self) -> str:
         extra = "" if self.mode == "independent" else f", {self.mode}"
-        return f"{self.method}, {self.cases_name}, n={self.n}{extra}"
+        return f"{self.method}, {self.cases_name}, n={self.n}{extra}" + (f", {self.note}" if self.note else "")
 
 
 def _time(run_id: str, path: Path) -> _dt.datetime | None:
@@ -197,7 +198,7 @@ def comparison_table(runs: list[RunSummary], title: str = "runs compared"):
         t.add_column(str(i), justify="right", no_wrap=True)
     for m in _metric_names(runs):
         t.add_row(m, *[_cell(r, m, markdown=False) for r in runs])
-    paths = Text("\n".join(f"{i:>3}  {r.label}  {r.path}" for i, r in enumerate(runs, start=1)))
+    paths = Text("\n".join(f"{i:>3}  {r.label}\n     {r.path}" for i, r in enumerate(runs, start=1)))
     return Group(t, paths)
 
 
@@ -243,6 +244,23 @@ def config_differences(runs: list[RunSummary]) -> list[tuple[str, list[str]]]:
         if len(set(values)) > 1:
             out.append((k, values))
     return out
+
+
+def distinguish(runs: list[RunSummary], most: int = 2) -> list[RunSummary]:
+    """Runs that would share a label get a note: the (at most ``most``) hyperparameters
+    or settings in which they differ, e.g. ``mom2_update_weight=15000``."""
+    groups: dict[str, list[RunSummary]] = {}
+    for r in runs:
+        r.note = ""
+        groups.setdefault(r.label, []).append(r)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        diffs = config_differences(group)
+        diffs = [d for d in diffs if d[0].startswith("hparams.")] + [d for d in diffs if not d[0].startswith("hparams.")]
+        for i, r in enumerate(group):
+            r.note = ", ".join(f"{k.rpartition('.')[2]}={values[i]}" for k, values in diffs[:most])
+    return runs
 
 
 def _md(text: Any) -> str:
@@ -390,12 +408,12 @@ def curve_chart(runs: list[RunSummary], path: str | os.PathLike) -> Path | None:
     return Path(path)
 
 
-def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Summarise ``run_dirs`` into ``out_dir``: report.md, report.png, report-curve.png
-    (when a run has a curve).  Returns what was written, by kind."""
+def write_report(run_dirs: list[str | os.PathLike | RunSummary], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Summarise runs (directories or summaries) into ``out_dir``: report.md, report.png,
+    report-curve.png (when a run has a curve).  Returns what was written, by kind."""
     if not run_dirs:
         raise ReportError("give at least one run directory")
-    runs = [summarize(d) for d in run_dirs]
+    runs = distinguish([d if isinstance(d, RunSummary) else summarize(d) for d in run_dirs])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}

@@ -93,6 +93,12 @@ def test_apply_writes_a_model_that_gives_the_runs_post_metrics(runs):
     assert {"config.json", "model.safetensors", "tokenizer.json", "kedit-patch.json"} <= names
     assert not any(p.name.startswith(".") for p in out.parent.iterdir() if "exported-single" in p.name)
     assert json.loads((out / "kedit-patch.json").read_text())["deltas"] == ["a"]
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask                       # not mkdtemp's private 0700
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     [post] = post_metrics_of_export(run, runs["model"], out, ["a"])
     [record] = read_results(run / "results.jsonl")
     assert post == record["post"]  # the same numbers, not merely close
@@ -234,3 +240,28 @@ def test_no_pickle_in_loading_paths():
         if re.search(r"from_pretrained\([^)]*use_safetensors\s*=\s*False", text):
             offenders.append(f"{f}: use_safetensors=False")
     assert not offenders, offenders
+
+
+def test_export_of_a_model_converted_from_gguf(runs, tmp_path):
+    """kedit's GGUF cache keeps `quantization_config: gguf` in config.json; transformers then
+    refuses save_pretrained, so the export rebuilds a plain model around the same tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from kedit.patch import export_model
+
+    src = save_tiny_model_dir(tmp_path / "from-gguf")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(str(src), device="cpu")
+    name = "model.layers.1.mlp.down_proj.weight"
+    params = dict(loaded.model.named_parameters())
+    delta = Delta({name: torch.randn(params[name].shape, generator=torch.Generator().manual_seed(0))}, {"label": "x"})
+    base = {k: v.detach().clone() for k, v in params.items()}
+    export_model(loaded, [delta], tmp_path / "out")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    exported = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out").named_parameters())
+    assert exported.keys() == base.keys()
+    for k, v in base.items():
+        assert torch.equal(exported[k], v + delta.tensors[k] if k == name else v), k
+        assert torch.equal(params[k], v)   # the loaded model is untouched

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kedit.cli import app
-from kedit.report import config_differences, list_runs, summarize, write_report
+from kedit.report import config_differences, distinguish, list_runs, summarize, write_report
 
 runner = CliRunner()
 
@@ -117,3 +117,14 @@ def test_config_differences_lists_only_what_differs(root):
     diffs = dict(config_differences([a, b]))
     assert diffs["hparams.layer"] == ["3", "4"] and diffs["method"] == ['"rome"', '"memit"']
     assert "model.name" not in diffs and "seed" not in diffs
+
+
+def test_runs_with_the_same_label_are_told_apart_by_their_settings(root, tmp_path):
+    make_run(tmp_path, "x", edit_config("rome", 5), metrics({"rewrite_acc": 0.0}, {"rewrite_acc": 1.0}))
+    a = summarize(root / "20261125-100000-rome-smollm2-135m-aaaaaa")
+    b = summarize(tmp_path / "x")
+    c = summarize(root / "20261125-090000-memit-smollm2-135m-bbbbbb")
+    assert a.label == b.label == "rome, messi, n=1"
+    distinguish([a, b, c])
+    assert (a.label, b.label) == ("rome, messi, n=1, layer=3", "rome, messi, n=1, layer=5")
+    assert c.label == "memit, anchor-31, n=31"
