@@ -544,6 +544,8 @@ def trace(model: str = ModelOpt,
           fmt: str = typer.Option("auto", "--format", help="cases layout: auto | kedit | easyedit | rome | zsre"),
           device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Causal tracing (ROME): which layers' states carry the fact; heatmaps and the layer to edit."""
+    import time
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from kedit.cases import load_cases
@@ -573,19 +575,25 @@ def trace(model: str = ModelOpt,
     _say(f"tracing {loaded.name} ({loaded.device}): noise {noise} x std {noise_scale.std:.4g}, "
          f"{samples} draws, kinds {', '.join(settings.kinds)}")
     prompt_trace = cases_trace = None
+    seconds: dict[str, float] = {}
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=err) as bar:
             if tp is not None:
+                t0 = time.perf_counter()
                 task = bar.add_task("restorations", total=total_restorations(tp, loaded.adapter.n_layers,
                                                                              settings.kinds))
                 prompt_trace = trace_prompt(loaded, tp, settings, noise_scale, lambda k: bar.advance(task, k))
+                seconds["prompt"] = time.perf_counter() - t0
             if case_list:
+                t0 = time.perf_counter()
                 ctask = bar.add_task("cases", total=len(case_list))
                 cases_trace = trace_cases(loaded, case_list, settings, noise_scale,
                                           lambda rec: bar.advance(ctask, 1))
+                seconds["cases"] = time.perf_counter() - t0
         configured = configured_layers(loaded)
-        run_dir = write_trace_run(out, {**config, "configured": configured}, prompt_trace, cases_trace, configured)
+        run_dir = write_trace_run(out, {**config, "configured": configured}, prompt_trace, cases_trace, configured,
+                                  seconds)
     except TraceError as e:
         fail(str(e))
     except KeyboardInterrupt:

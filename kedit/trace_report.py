@@ -3,7 +3,8 @@
 Run directory (staged under ``.<id>.partial``, renamed when complete, see kedit.runs)::
 
     config.yaml          model, settings (kinds, samples, noise, window, seed), noise scale, command
-    trace.json           {"prompt": PromptTrace.to_dict() | null, "cases": CasesTrace.to_dict() | null}
+    trace.json           {"prompt": PromptTrace.to_dict() | null, "cases": CasesTrace.to_dict() | null,
+                          "seconds": {phase: wall-clock seconds}}
     heatmap-<kind>.png   p(t, l) for one prompt: tokens down, layers across, subject tokens marked *
     average-ie.png       average indirect effect at the last subject token, per layer (with --cases)
     summary.md           the headline numbers
@@ -144,15 +145,19 @@ def summary_markdown(config: dict, prompt: PromptTrace | None, cases: CasesTrace
 
 
 def write_trace_run(out: str | Path, config: dict, prompt: PromptTrace | None, cases: CasesTrace | None,
-                    configured: dict | None = None) -> Path:
-    """The run directory (see the module docstring); returns its final path."""
+                    configured: dict | None = None, seconds: dict | None = None) -> Path:
+    """The run directory (see the module docstring); returns its final path.  ``seconds``:
+    wall-clock time per phase, written to trace.json and log.txt."""
     model = config["model"]["name"]
     rd = RunDir(Path(out), new_run_id("trace", model, config))
     try:
         rd.log(f"trace {model}: {config.get('command', '')}")
+        for phase, secs in (seconds or {}).items():
+            rd.log(f"{phase}: {secs:.1f} s")
         write_yaml(rd.path / "config.yaml", {**config, "run_id": rd.run_id})
         write_json(rd.path / "trace.json", {"prompt": prompt.to_dict() if prompt else None,
-                                            "cases": cases.to_dict() if cases else None})
+                                            "cases": cases.to_dict() if cases else None,
+                                            "seconds": seconds or {}})
         if prompt is not None:
             for kind in prompt.scores:
                 plot_heatmap(prompt, kind, rd.path / f"heatmap-{kind}.png", model)

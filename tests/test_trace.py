@@ -215,6 +215,7 @@ def test_cli_writes_run_directory_with_json_and_pngs(tiny_dir, monkeypatch):
     assert len(p["kinds"]["mlp"]["p"]) == len(p["tokens"]) and len(p["kinds"]["mlp"]["p"][0]) == 3
     assert p["answer"]["source"] == "target" and p["kinds"]["mlp"]["window"] == 10
     assert len(data["cases"]["per_case"]) == 2 and data["cases"]["suggested"]["rome_layer"] in (0, 1, 2)
+    assert set(data["seconds"]) == {"prompt", "cases"}
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["settings"]["samples"] == 2 and config["settings"]["noise_std"]["multiplier"] == 3.0
     assert "suggested ROME layer" in res.output
