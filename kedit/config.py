@@ -42,7 +42,16 @@ EASYEDIT_KEYS = {
     "L2": "l2",
     "emmet_lambda": "emmet_lambda",
     "update_norm_lambda": "update_norm_lambda",
+    # FT (FT-L / FT-M): norm_constraint false -> null (no bound); objective_optimization
+    # prompt_last is FT-L, target_new FT-M (methods/ft.py)
+    "lr": "lr",
+    "num_steps": "num_steps",
+    "weight_decay": "weight_decay",
+    "norm_constraint": "norm_constraint",
+    "objective_optimization": "objective",
 }
+# EasyEdit keys whose ``false`` means "off", which kedit spells null.
+EASYEDIT_FALSE_IS_NULL = {"norm_constraint"}
 # EasyEdit module templates -> the adapter's module kind they must name.
 EASYEDIT_MODULE_KEYS = {
     "rewrite_module_tmp": "mlp_out",
@@ -149,13 +158,13 @@ def translate_easyedit(data: dict, source: str, adapter: Any, layer_key: str) ->
         if key == "layers":
             out[layer_key] = value[0] if layer_key == "layer" and isinstance(value, list) and len(value) == 1 else value
         elif key in EASYEDIT_KEYS:
-            out[EASYEDIT_KEYS[key]] = value
+            out[EASYEDIT_KEYS[key]] = None if key in EASYEDIT_FALSE_IS_NULL and value is False else value
         elif key in EASYEDIT_MODULE_KEYS:
             if adapter is None:
                 continue
             kind = EASYEDIT_MODULE_KEYS[key]
             expected = adapter.module_path(kind, probe if kind != "final_norm" else None)
-            given = str(value).replace("{}", str(probe))
+            given = str(value).replace("{}", str(probe)).removesuffix(".weight")  # FT files name the weight
             if given != expected:
                 errors.append(f"{source}: key '{key}': '{value}' does not match this model "
                               f"({adapter.model.config.model_type}: {expected.replace(str(probe), '{}', 1) if kind != 'final_norm' else expected})")

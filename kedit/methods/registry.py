@@ -12,6 +12,7 @@ METHOD_MODULES = ("kedit.methods.rome",)
 METHOD_MODULES += ("kedit.methods.memit",)
 METHOD_MODULES += ("kedit.methods.alphaedit",)
 METHOD_MODULES += ("kedit.methods.emmet",)
+METHOD_MODULES += ("kedit.methods.ft",)
 
 
 class Registry:
