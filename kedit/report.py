@@ -403,7 +403,8 @@ def curve_chart(runs: list[RunSummary], path: str | os.PathLike) -> Path | None:
         ax.grid(alpha=0.3)
     handles, _ = axes.flat[0].get_legend_handles_labels()
     _key(fig, axes, len(names), handles)
-    fig.suptitle("sequential editing: mean over the cases edited so far (dotted: before editing)", fontsize=12)
+    fig.suptitle("sequential editing: mean over the cases edited so far (dotted: mean of all the run's cases "
+                 "before editing)", fontsize=12)
     _save(fig, Path(path))
     return Path(path)
 
