@@ -10,7 +10,7 @@ import kedit.methods.emmet as emmet_mod
 from kedit.config import ConfigError, build_params, load_params
 from kedit.hooks import record
 from kedit.methods.base import EditRequest, RunContext
-from kedit.methods.core.solve import equality_constrained_update, rank_one_update
+from kedit.methods.core.solve import equality_constrained_update, least_squares_update, rank_one_update
 from kedit.methods.emmet import EmmetParams
 from kedit.methods.registry import get_method
 from kedit.paths import configs_dir
@@ -79,6 +79,10 @@ def test_constraints_hold_exactly_and_one_edit_is_rome():
     a = equality_constrained_update(R, K, C, 10.0, ridge=0.1)
     b = equality_constrained_update(R, K, C, 1.0, ridge=1.0)
     assert torch.allclose(a, b, atol=1e-9) and not torch.allclose(a @ K, R, atol=1e-6)
+    # MEMIT is EMMET with the ridge as large as MEMIT's λ (push-through identity:
+    # Kᵀ(λC + KKᵀ)⁻¹ = (KᵀC⁻¹K + λI)⁻¹KᵀC⁻¹)
+    assert torch.allclose(equality_constrained_update(R, K, C, 1.0, ridge=1500.0),
+                          least_squares_update(R, K, C, 1500.0), atol=1e-9)
     # update_norm_lambda adds μ·I to λ·C
     c = equality_constrained_update(R, K, C, 2.0, norm_lambda=0.5)
     Ai = torch.linalg.inv(2.0 * C + 0.5 * torch.eye(d_key, dtype=torch.float64))

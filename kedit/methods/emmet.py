@@ -11,7 +11,10 @@ edit one layer, EasyEdit's five).  Per layer, instead of MEMIT's least squares,
 (``core.solve.equality_constrained_update``): the change on the preserved keys
 ‖ΔW K₀‖ is minimised subject to every edit's constraint (W + ΔW) k_i = W k_i + r_i
 holding exactly (up to the small ``emmet_lambda`` ridge, applied for batches > 1 as in
-their code).  One edit at one layer is exactly ROME's rank-one update.
+their code).  One edit at one layer is exactly ROME's rank-one update.  The effective
+ridge on KᵀC⁻¹K is λ·emmet_lambda, and with it equal to MEMIT's λ the update *is*
+MEMIT's (push-through identity, ``core.solve.equality_constrained_update``): EMMET is
+MEMIT with the relaxation taken nearly to zero.
 """
 
 from __future__ import annotations

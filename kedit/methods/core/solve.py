@@ -98,7 +98,10 @@ def equality_constrained_update(R: torch.Tensor, K: torch.Tensor, C: torch.Tenso
     with ``ridge`` their ``emmet_lambda``, added, as in their code, only for batches of
     more than one edit (D is ill-conditioned when keys are nearly parallel); with
     ridge = 0 the constraints hold exactly, and for n = 1 this is ROME's rank-one update.
-    Note that λ only matters through λ·ridge (ΔW = R (KᵀC⁻¹K + λ·ridge·I)⁻¹ KᵀC⁻¹ for μ = 0).
+    Note that λ only matters through λ·ridge (ΔW = R (KᵀC⁻¹K + λ·ridge·I)⁻¹ KᵀC⁻¹ for μ = 0),
+    and that by the push-through identity Kᵀ(λC + KKᵀ)⁻¹ = (KᵀC⁻¹K + λI)⁻¹KᵀC⁻¹, MEMIT's
+    :func:`least_squares_update` with weight λ is this update with λ·ridge = λ: EMMET is
+    MEMIT with the ridge taken (nearly) to zero.
     ``R`` (d_out, n), ``K`` (d_key, n), ``C`` (d_key, d_key); returns (d_out, d_key) float64.
     """
     K64 = K.double()
