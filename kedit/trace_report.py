@@ -86,7 +86,7 @@ def plot_average(cases: CasesTrace, path: Path, model: str = "", configured: dic
     layers = np.arange(cases.n_layers)
     for kind in cases.kinds:
         m, se = np.array(avg["mean"][kind]), np.array(avg["stderr"][kind])
-        ax.plot(layers, m, marker="o", ms=3, color=COLOURS[kind], label=NAMES[kind])
+        ax.plot(layers, m, marker="o", ms=3, color=COLOURS[kind], label=f"{NAMES[kind]} (band: ± 1 s.e.)")
         ax.fill_between(layers, m - se, m + se, color=COLOURS[kind], alpha=0.2, lw=0)
     sug = cases.suggestion()
     if sug:
