@@ -34,3 +34,4 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_foundation.py
 	$(PY) bench/bench_rome.py
+	$(PY) bench/bench_memit.py

@@ -25,13 +25,6 @@ from kedit.patch import PatchError
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def readme_api_block() -> str:
     text = (REPO / "README.md").read_text()

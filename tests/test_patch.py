@@ -24,14 +24,6 @@ from kedit.runs import read_results
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared machine extra threads spin-wait."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 CASES = [
     {"case_id": "a", "prompt": "The capital city of the Kingdom of France", "subject": "France",
      "target_new": "of", "ground_truth": "and",
