@@ -283,3 +283,19 @@ def test_params_configs_and_easyedit_yaml(tmp_path):
     p = load_params(get_method("alphaedit").Params, f, loaded.adapter)
     assert (p.layers, p.nullspace_threshold, p.l2, p.v_lr, p.v_loss_layer) == ((1, 2), 0.02, 10, 0.1, -1)
     assert get_method("alphaedit").description
+
+
+def test_runner_commits_every_sequential_batch(tmp_path):
+    """Through the runner: two sequential batches of 4, each committed (the delta the
+    runner hands back is the one compute returned), the model restored at the end."""
+    from kedit.runner import run_edits
+
+    loaded = tiny_model("qwen2")
+    cases = cases_for(loaded)
+    method = alphaedit(loaded, tmp_path, nullspace_threshold=quantile_threshold(loaded, tmp_path))
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    res = run_edits(method, cases, sequential=True, batch_size=4)
+    assert method.committed == len(cases)
+    assert all(r["post_immediate"]["rewrite_acc"] == 1.0 for r in res.records)
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
