@@ -114,7 +114,7 @@ def projector(C: torch.Tensor, stats_file: Path | None, threshold: float) -> tup
 @register
 class AlphaEdit(MEMIT):
     name = "alphaedit"
-    description = "MEMIT projected onto the null space of preserved keys; sequential-safe (Fang et al. 2025)"
+    description = "MEMIT projected onto the null space of preserved keys (Fang et al. 2025)"
     Params = AlphaEditParams
 
     def prepare(self) -> None:

@@ -44,7 +44,7 @@ class EmmetParams(MemitParams):
 @register
 class EMMET(MEMIT):
     name = "emmet"
-    description = "Batched ROME: equality-constrained closed-form update, MEMIT's layer spreading (Gupta et al. 2024)"
+    description = "Batched ROME: edits as equality constraints, closed form (Gupta et al. 2024)"
     Params = EmmetParams
 
     def _layer_update(self, layer: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
