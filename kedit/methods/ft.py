@@ -240,12 +240,12 @@ class FineTune(Method):
 @register
 class FTL(FineTune):
     name = "ft_l"
-    description = "Fine-tune MLP weights on the prompt's last token, L∞-bounded change (Zhu et al. 2020; ROME's FT+L)"
+    description = "Fine-tuning of MLP weights, L∞-bounded, loss at the prompt's last token (ROME's FT+L)"
     Params = FtParams
 
 
 @register
 class FTM(FineTune):
     name = "ft_m"
-    description = "Fine-tune MLP weights on the target tokens, prompt masked, teacher-forced (EasyEdit's FT-M)"
+    description = "Fine-tuning of MLP weights on the target tokens, prompt masked (EasyEdit's FT-M)"
     Params = FtMParams
