@@ -321,10 +321,10 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         loaded = _load(model, device, dtype)
         extra = None
         if generation:
-            from kedit.evaluation.fluency import generation_metrics
+            from functools import partial
 
-            def extra(chunk):
-                return generation_metrics(loaded, chunk, max_new_tokens=gen_tokens, seed=seed, reference=ref_data)
+            from kedit.evaluation.fluency import generation_metrics
+            extra = partial(generation_metrics, loaded, max_new_tokens=gen_tokens, seed=seed, reference=ref_data)
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
         if resume:
             from kedit.config import resolve_params

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from kedit.bench import BenchError, complete_records, load_benchmark
 from kedit.cli import app
+from kedit.methods.rome import ROME
 from kedit.runs import read_results
 
 runner = CliRunner()
@@ -35,6 +36,20 @@ def test_complete_records_drops_a_cut_off_batch():
     assert len(complete_records(recs, 2)) == 3
 
 
+def ctrl_c_at_edit(monkeypatch, n: int):
+    """Make ROME's n-th compute() raise KeyboardInterrupt (Ctrl-C); returns the real compute."""
+    real = ROME.compute
+    calls = {"n": 0}
+
+    def flaky(self, requests):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self, requests)
+    monkeypatch.setattr(ROME, "compute", flaky)
+    return real
+
+
 @pytest.fixture()
 def tiny_bench(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
@@ -56,24 +71,14 @@ def tiny_bench(tmp_path, monkeypatch):
 
 def test_interrupted_bench_resumes_without_losing_or_repeating_cases(tiny_bench, monkeypatch):
     args, tmp = tiny_bench
-    import kedit.methods.rome as rome_mod
-
-    real = rome_mod.ROME.compute
-    calls = {"n": 0}
-
-    def flaky(self, requests):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # Ctrl-C during the third edit
-        return real(self, requests)
-    monkeypatch.setattr(rome_mod.ROME, "compute", flaky)
+    real = ctrl_c_at_edit(monkeypatch, 3)
     res = runner.invoke(app, args)
     assert res.exit_code == 130 and "kedit bench --resume" in res.output
     (run,) = list((tmp / "runs").iterdir())
     assert [r["case_id"] for r in read_results(run / "results.jsonl")] == ["c0", "c1"]
     assert not (run / "metrics.json").exists()  # unfinished runs do not look complete
 
-    monkeypatch.setattr(rome_mod.ROME, "compute", real)
+    monkeypatch.setattr(ROME, "compute", real)
     res = runner.invoke(app, ["bench", "--resume", str(run)])
     assert res.exit_code == 0, res.output
     ids = [r["case_id"] for r in read_results(run / "results.jsonl")]
@@ -111,22 +116,13 @@ def test_sequential_bench_resumes_from_its_checkpoint_with_the_same_numbers(tiny
     assert [p["edits"] for p in want["curve"]] == [2, 4, 5]
     assert not (clean / "checkpoint.safetensors").exists()
 
-    import kedit.methods.rome as rome_mod
-    real = rome_mod.ROME.compute
-    calls = {"n": 0}
-
-    def flaky(self, requests):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # Ctrl-C during the fourth edit
-        return real(self, requests)
-    monkeypatch.setattr(rome_mod.ROME, "compute", flaky)
+    real = ctrl_c_at_edit(monkeypatch, 4)
     res = runner.invoke(app, [*seq, "--out", str(tmp / "cut")])
     assert res.exit_code == 130
     (run,) = list((tmp / "cut").iterdir())
     assert (run / "checkpoint.safetensors").exists() and not (run / "metrics.json").exists()
     assert len(read_results(run / "results.jsonl")) == 3
-    monkeypatch.setattr(rome_mod.ROME, "compute", real)
+    monkeypatch.setattr(ROME, "compute", real)
     res = runner.invoke(app, ["bench", "--resume", str(run)])
     assert res.exit_code == 0, res.output
     got = json.loads((run / "metrics.json").read_text())
