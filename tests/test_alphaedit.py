@@ -83,13 +83,6 @@ def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # --------------------------------------------------------------------------- the math by hand
 

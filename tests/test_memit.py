@@ -81,15 +81,6 @@ def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared CPU two threads waiting on
-    each other make this file ~10x slower; restored for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_memit_batch_of_8_makes_every_target_the_argmax(family, tmp_path):
