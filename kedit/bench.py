@@ -138,11 +138,11 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
     result = run_edits(method, cases, sequential=True, batch_size=size, checkpoint_every=checkpoint_every,
                        on_checkpoint=on_point, on_batch=on_batch, resume=resume, extra_metrics=extra_metrics)
     write_text(log, "".join(json.dumps(r) + "\n" for r in result.records))
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
     metrics = metrics_summary(result.records)
     if curve:
         metrics["curve"] = curve
     write_json(run_dir / "metrics.json", metrics)
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)   # last: a run is never left without both
     return metrics
 
 
