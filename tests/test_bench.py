@@ -36,9 +36,9 @@ def test_complete_records_drops_a_cut_off_batch():
     assert len(complete_records(recs, 2)) == 3
 
 
-def ctrl_c_at_edit(monkeypatch, n: int):
-    """Make ROME's n-th compute() raise KeyboardInterrupt (Ctrl-C); returns the real compute."""
-    real = ROME.compute
+def ctrl_c_at_edit(monkeypatch, n: int, cls=ROME):
+    """Make ``cls``'s n-th compute() raise KeyboardInterrupt (Ctrl-C); returns the real compute."""
+    real = cls.compute
     calls = {"n": 0}
 
     def flaky(self, requests):
@@ -46,7 +46,7 @@ def ctrl_c_at_edit(monkeypatch, n: int):
         if calls["n"] == n:
             raise KeyboardInterrupt
         return real(self, requests)
-    monkeypatch.setattr(ROME, "compute", flaky)
+    monkeypatch.setattr(cls, "compute", flaky)
     return real
 
 
@@ -131,6 +131,50 @@ def test_sequential_bench_resumes_from_its_checkpoint_with_the_same_numbers(tiny
     assert [r["case_id"] for r in recs] == ["c0", "c1", "c2", "c3", "c4"]
     assert all("post_immediate" in r for r in recs)
     assert not (run / "checkpoint.safetensors").exists()
+
+
+def test_sequential_alphaedit_resumes_with_its_preserved_keys(tiny_bench, monkeypatch):
+    """AlphaEdit's sequential state (Σ k kᵀ of the committed edits) goes into the checkpoint;
+    a resumed run that lost it would solve the later batches differently."""
+    from safetensors import safe_open
+
+    from kedit.methods.alphaedit import AlphaEdit
+
+    args, tmp = tiny_bench
+    hp = tmp / "alphaedit.yaml"
+    # threshold far above every eigenvalue: P = I, so the preserved keys alone keep earlier edits
+    hp.write_text(yaml.safe_dump({"layers": [1, 2], "mom2_samples": 20, "v_num_grad_steps": 10,
+                                  "clamp_norm_factor": 1000.0, "kl_factor": 0.0, "v_weight_decay": 0.0,
+                                  "context_template_length_params": [[3, 1]], "nullspace_threshold": 1e9,
+                                  "l2": 1e-3}))
+    i = args.index("--hparams")
+    seq = [*args[:i + 1], str(hp), *args[i + 2:], "--method", "alphaedit", "--sequential",
+           "--batch-size", "2", "--checkpoint-every", "2"]
+    res = runner.invoke(app, [*seq, "--out", str(tmp / "clean")])
+    assert res.exit_code == 0, res.output
+    (clean,) = list((tmp / "clean").iterdir())
+    want = json.loads((clean / "metrics.json").read_text())
+
+    real = ctrl_c_at_edit(monkeypatch, 3, AlphaEdit)           # Ctrl-C in the third batch
+    res = runner.invoke(app, [*seq, "--out", str(tmp / "cut")])
+    assert res.exit_code == 130
+    (run,) = list((tmp / "cut").iterdir())
+    with safe_open(str(run / "checkpoint.safetensors"), framework="pt") as f:
+        assert int(f.get_tensor("state/committed")) == 4
+        assert float(f.get_tensor("state/preserved.1").abs().sum()) > 0
+    monkeypatch.setattr(AlphaEdit, "compute", real)
+    res = runner.invoke(app, ["bench", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "metrics.json").read_text()) == want
+
+    # without the state the third batch is solved as if nothing were preserved: other numbers
+    monkeypatch.setattr(AlphaEdit, "load_state", lambda self, tensors: self.prepare())
+    real = ctrl_c_at_edit(monkeypatch, 3, AlphaEdit)
+    res = runner.invoke(app, [*seq, "--out", str(tmp / "lost")])
+    (lost,) = list((tmp / "lost").iterdir())
+    monkeypatch.setattr(AlphaEdit, "compute", real)
+    assert runner.invoke(app, ["bench", "--resume", str(lost)]).exit_code == 0
+    assert json.loads((lost / "metrics.json").read_text()) != want
 
 
 def test_bench_generation_metrics(tiny_bench):
