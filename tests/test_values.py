@@ -43,6 +43,36 @@ def test_replaying_lower_blocks_changes_nothing(family, where):
     assert "forward" not in vars(adapter.block(0))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("where", ["mlp_out", "block"])
+@pytest.mark.parametrize("replay", [True, False])
+def test_prefix_cache_runs_fewer_positions_for_the_same_targets(family, where, replay):
+    """Steps that run only the positions from the fact token on (attending to the prefix's
+    cached keys/values) give the targets of full forwards."""
+    loaded = tiny_model(family)
+    adapter = loaded.adapter
+    module = adapter.mlp_out(1) if where == "mlp_out" else adapter.block(1)
+    opts = TargetOptions(steps=4, lr=0.5, early_stop_loss=0.0, replay=replay)
+    lengths: list[int] = []
+    h = adapter.block(adapter.n_layers - 1).register_forward_hook(
+        lambda _m, args, _o: lengths.append(args[0].shape[1]) if args else None, with_kwargs=False)
+    try:
+        fast = optimise_targets(loaded, REQUESTS, TEMPLATES, module, "subject_last", opts)
+        seen_fast = list(lengths)
+        lengths.clear()
+        slow = optimise_targets(loaded, REQUESTS, TEMPLATES, module, "subject_last",
+                                dataclasses.replace(opts, prefix_cache=False))
+        seen_slow = list(lengths)
+    finally:
+        h.remove()
+    assert seen_fast[0] == seen_slow[0]                       # the initial pass runs whole rows
+    assert max(seen_fast[1:]) < min(seen_slow[1:]) / 2       # the steps run the suffixes only
+    assert torch.allclose(fast.delta, slow.delta, atol=1e-5, rtol=1e-4)
+    assert fast.steps == slow.steps
+    assert fast.nll == pytest.approx(slow.nll, rel=1e-4, abs=1e-6)
+    assert fast.loss == pytest.approx(slow.loss, rel=1e-4, abs=1e-6)
+
+
 def test_block_index_finds_the_enclosing_block():
     loaded = tiny_model("llama")
     a = loaded.adapter

@@ -25,16 +25,24 @@ criterion and saves most of the steps).  Only δ requires a gradient (every weig
 and logits are computed only at the positions that enter the loss.  The blocks below the
 one that holds the edited module do not depend on δ: they run once, in the initial pass,
 whose residual stream entering that block is replayed at every step (``hooks.replay_from``).
+Nor do the positions before the fact token, in any block: δ enters at the fact token and
+attention is causal.  The initial pass keeps their attention keys/values (a KV cache per
+row, for the blocks that run at every step); each step then runs only the positions from
+the fact token on, attending to that cache (``prefix_cache``).  With ten-token context
+prefixes the fact token sits near the end of every row, so a step computes a quarter of
+the tokens it would otherwise: same targets up to float rounding (tested per family).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from kedit.hooks import edit_output, record, replay_from, run_until_stopped
 from kedit.methods.base import EditRequest
@@ -53,6 +61,7 @@ class TargetOptions:
     kl_prompts: tuple[str, ...] = ("{} is a",)
     batch_tokens: int = 4096      # rows per forward chunk (padded tokens); gradients accumulate
     replay: bool = True           # run the blocks below the edited one once (see module docstring)
+    prefix_cache: bool = True     # steps run the positions from the fact token on (see module docstring)
 
 
 @dataclass
@@ -108,14 +117,62 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
     for r in rows:
         (n_rewrite if r.kind == "rewrite" else n_kl)[r.request] += 1
 
+    # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated)
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    first_cached = edit_layer if replay else 0  # blocks that run at every step
+    cached_layers = range(first_cached, loss_layer + 1)
+    prefix_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # row -> K/V before its fact token
+
+    def keep_prefix(cache, chunk: Sequence[Row], row_ids: Sequence[int]) -> None:
+        for b, (j, r) in enumerate(zip(row_ids, chunk)):
+            prefix_kv[j] = [(cache.layers[l].keys[b, :, : r.lookup].clone(),
+                             cache.layers[l].values[b, :, : r.lookup].clone()) for l in cached_layers]
+
+    def suffix_inputs(chunk: Sequence[Row], row_ids: Sequence[int]):
+        """Ids, mask, positions and KV cache for running only ``ids[lookup:]`` of each row."""
+        P = max(r.lookup for r in chunk)
+        suffix = [r.ids[r.lookup:] for r in chunk]
+        ids, smask = batch_tensors([Row(0, s, 0) for s in suffix], pad_id(tok), device)
+        B, S = ids.shape
+        past_mask = torch.zeros(B, P, dtype=smask.dtype, device=device)
+        for b, r in enumerate(chunk):
+            past_mask[b, : r.lookup] = 1
+        positions = torch.tensor([r.lookup for r in chunk], device=device)[:, None] + torch.arange(S, device=device)
+        k0, v0_ = prefix_kv[row_ids[0]][0]
+        data: list = []
+        for li in range(adapter.n_layers):
+            if li < first_cached or li > loss_layer:
+                # never run (skipped or after the loss block); layer 0 still tells the model the past length
+                data.append((torch.zeros(B, k0.shape[0], P, k0.shape[-1], dtype=k0.dtype, device=device),) * 2
+                            if li == 0 else (None, None))
+                continue
+            K = torch.zeros(B, k0.shape[0], P, k0.shape[-1], dtype=k0.dtype, device=device)
+            V = torch.zeros(B, v0_.shape[0], P, v0_.shape[-1], dtype=v0_.dtype, device=device)
+            for b, (j, r) in enumerate(zip(row_ids, chunk)):
+                k, v = prefix_kv[j][li - first_cached]
+                K[b, :, : r.lookup], V[b, :, : r.lookup] = k, v
+            data.append((K, V))
+        return ids, torch.cat([past_mask, smask], dim=1), positions, DynamicCache(ddp_cache_data=data)
+
     def forward(chunk: Sequence[Row], delta: torch.Tensor | None, row_ids: Sequence[int]):
         """Log-probs at the loss positions of ``chunk`` (and the module output at fact tokens).
 
         First pass (``delta`` None): the full model, recording the input of the edited
-        block per row; later passes replay it and skip the blocks below.
+        block per row (and the prefix KV cache); later passes replay it, skip the blocks
+        below and, with ``prefix_cache``, run only the positions from the fact token on.
         """
-        ids, mask = batch_tensors(chunk, pad_id(tok), device)
-        look = torch.tensor([r.lookup for r in chunk], device=device)
+        suffix_only = opts.prefix_cache and delta is not None
+        start = [r.lookup if suffix_only else 0 for r in chunk]
+        extra: dict = {"use_cache": False}
+        if suffix_only:
+            ids, mask, positions, cache = suffix_inputs(chunk, row_ids)
+            extra = {"position_ids": positions, cache_arg: cache, "use_cache": True}
+        else:
+            ids, mask = batch_tensors(chunk, pad_id(tok), device)
+            if opts.prefix_cache:
+                cache = DynamicCache()
+                extra = {cache_arg: cache, "use_cache": True}
+        look = torch.tensor([r.lookup - s0 for r, s0 in zip(chunk, start)], device=device)
         req = torch.tensor([r.request for r in chunk], device=device)
         arange = torch.arange(len(chunk), device=device)
         seen_out: dict[str, torch.Tensor] = {}
@@ -131,8 +188,9 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         def stacked() -> torch.Tensor:
             x = torch.zeros(ids.shape[0], ids.shape[1], row_input[row_ids[0]].shape[-1],
                             dtype=row_input[row_ids[0]].dtype, device=device)
-            for b, j in enumerate(row_ids):
-                x[b, : row_input[j].shape[0]] = row_input[j]
+            for b, (j, s0) in enumerate(zip(row_ids, start)):
+                part = row_input[j][s0:]
+                x[b, : part.shape[0]] = part
             return x
 
         with contextlib.ExitStack() as stack:
@@ -144,11 +202,14 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
                 entering = stack.enter_context(record({"x": blocks[-1]}, inputs=True))
                 keep = blocks[-2].register_forward_hook(lambda _m, _a, out: None if structure else structure.append(out))
                 stack.callback(keep.remove)
-            run_until_stopped(lambda: model(input_ids=ids, attention_mask=mask, use_cache=False))
+            run_until_stopped(lambda: model(input_ids=ids, attention_mask=mask, **extra))
             if replay and delta is None:
                 for b, (j, r) in enumerate(zip(row_ids, chunk)):
                     row_input[j] = entering["x"][b, : len(r.ids)].clone()
+        if opts.prefix_cache and delta is None:
+            keep_prefix(cache, chunk, row_ids)
         rr, pos, lab, _ = _loss_positions(chunk)
+        pos = [p - start[j] for j, p in zip(rr, pos)]
         h = seen["h"][torch.tensor(rr, device=device), torch.tensor(pos, device=device)]
         logp = F.log_softmax(head(norm(h)).float(), dim=-1)
         return logp, torch.tensor(rr), torch.tensor(lab), seen_out["v"]
