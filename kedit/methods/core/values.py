@@ -146,8 +146,9 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
                 data.append((torch.zeros(B, k0.shape[0], P, k0.shape[-1], dtype=k0.dtype, device=device),) * 2
                             if li == 0 else (None, None))
                 continue
-            K = torch.zeros(B, k0.shape[0], P, k0.shape[-1], dtype=k0.dtype, device=device)
-            V = torch.zeros(B, v0_.shape[0], P, v0_.shape[-1], dtype=v0_.dtype, device=device)
+            kd = prefix_kv[row_ids[0]][li - first_cached][0].device   # the layer's own device (sharded models)
+            K = torch.zeros(B, k0.shape[0], P, k0.shape[-1], dtype=k0.dtype, device=kd)
+            V = torch.zeros(B, v0_.shape[0], P, v0_.shape[-1], dtype=v0_.dtype, device=kd)
             for b, (j, r) in enumerate(zip(row_ids, chunk)):
                 k, v = prefix_kv[j][li - first_cached]
                 K[b, :, : r.lookup], V[b, :, : r.lookup] = k, v
