@@ -141,6 +141,7 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
     metrics = metrics_summary(result.records)
     if curve:
         metrics["curve"] = curve
+    metrics["time"] = time_split(result.records)
     write_json(run_dir / "metrics.json", metrics)
     (run_dir / CHECKPOINT).unlink(missing_ok=True)   # last: a run is never left without both
     return metrics
@@ -182,8 +183,21 @@ def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: i
         run_edits(method, todo, batch_size=size, on_case=on_case, extra_metrics=extra_metrics)
     records = read_results(log)
     metrics = metrics_summary(records)
+    metrics["time"] = time_split(records)
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def time_split(records: Sequence[dict]) -> dict:
+    """Where a bench run's time went, summed over its cases (seconds): ``edit`` (the method),
+    ``pre_eval`` / ``eval`` (evaluation before / after the edit; a sequential run's
+    checkpoint evaluations are not included) and ``eval_share`` = evaluation / (edit + evaluation)."""
+    edit = sum(r.get("time", {}).get("edit", 0.0) for r in records)
+    pre = sum(r.get("time", {}).get("pre_eval", 0.0) for r in records)
+    post = sum(r.get("time", {}).get("eval", 0.0) for r in records)
+    total = edit + pre + post
+    return {"edit_s": round(edit, 3), "pre_eval_s": round(pre, 3), "eval_s": round(post, 3),
+            "eval_share": round((pre + post) / total, 4) if total > 0 else 0.0}
 
 
 def save_bench_config(run_dir: Path, config: dict) -> None:

@@ -386,6 +386,11 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         sp, so = metrics["stderr"]["pre"].get(name), metrics["stderr"]["post"].get(name)
         t.add_row(name, _fmt(pre) + (f" ± {sp:.2f}" if sp else ""), _fmt(post) + (f" ± {so:.2f}" if so else ""))
     console.print(t)
+    ts = metrics.get("time") or {}
+    if ts:
+        console.print(f"time: edits {ts['edit_s']:.0f} s, evaluation {ts['pre_eval_s'] + ts['eval_s']:.0f} s "
+                      f"(pre {ts['pre_eval_s']:.0f} s + post {ts['eval_s']:.0f} s) = {100 * ts['eval_share']:.0f}% "
+                      "of the edit + evaluation time")
     console.print(f"run: [bold]{run_dir}[/bold]  ({BENCHMARKS[benchmark][2]})")
 
 

@@ -223,7 +223,7 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
             batch_records = []
             for i, case, m in zip(batch, chunk, post):
                 rec = {"case_id": case.case_id, "pre": pre[i], "post": m,
-                       "time": {"edit": t_edit / len(chunk), "eval": t_eval / len(chunk),
+                       "time": {"edit": t_edit / len(chunk), "eval": t_eval / len(chunk), "pre_eval": t_pre / len(cases),
                                 **{k: v / len(chunk) for k, v in phases.items()}},
                        "method": {k: v for k, v in info.get(case.case_id, {}).items() if k not in ("case_id", "time")},
                        "batch": batch.start // size}

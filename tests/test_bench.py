@@ -36,6 +36,12 @@ def test_complete_records_drops_a_cut_off_batch():
     assert len(complete_records(recs, 2)) == 3
 
 
+def science(metrics: dict) -> dict:
+    """metrics.json without its wall-clock times (which differ from run to run)."""
+    assert metrics["time"]["edit_s"] > 0 and 0 < metrics["time"]["eval_share"] < 1
+    return {k: v for k, v in metrics.items() if k != "time"}
+
+
 def ctrl_c_at_edit(monkeypatch, n: int, cls=ROME):
     """Make ``cls``'s n-th compute() raise KeyboardInterrupt (Ctrl-C); returns the real compute."""
     real = cls.compute
@@ -112,7 +118,7 @@ def test_sequential_bench_resumes_from_its_checkpoint_with_the_same_numbers(tiny
     res = runner.invoke(app, [*seq, "--out", str(tmp / "clean")])
     assert res.exit_code == 0, res.output
     (clean,) = list((tmp / "clean").iterdir())
-    want = json.loads((clean / "metrics.json").read_text())
+    want = science(json.loads((clean / "metrics.json").read_text()))
     assert [p["edits"] for p in want["curve"]] == [2, 4, 5]
     assert not (clean / "checkpoint.safetensors").exists()
 
@@ -125,7 +131,7 @@ def test_sequential_bench_resumes_from_its_checkpoint_with_the_same_numbers(tiny
     monkeypatch.setattr(ROME, "compute", real)
     res = runner.invoke(app, ["bench", "--resume", str(run)])
     assert res.exit_code == 0, res.output
-    got = json.loads((run / "metrics.json").read_text())
+    got = science(json.loads((run / "metrics.json").read_text()))
     assert got == want  # same final metrics and the same curve as the uninterrupted run
     recs = read_results(run / "results.jsonl")
     assert [r["case_id"] for r in recs] == ["c0", "c1", "c2", "c3", "c4"]
@@ -153,7 +159,7 @@ def test_sequential_alphaedit_resumes_with_its_preserved_keys(tiny_bench, monkey
     res = runner.invoke(app, [*seq, "--out", str(tmp / "clean")])
     assert res.exit_code == 0, res.output
     (clean,) = list((tmp / "clean").iterdir())
-    want = json.loads((clean / "metrics.json").read_text())
+    want = science(json.loads((clean / "metrics.json").read_text()))
 
     real = ctrl_c_at_edit(monkeypatch, 3, AlphaEdit)           # Ctrl-C in the third batch
     res = runner.invoke(app, [*seq, "--out", str(tmp / "cut")])
@@ -165,7 +171,7 @@ def test_sequential_alphaedit_resumes_with_its_preserved_keys(tiny_bench, monkey
     monkeypatch.setattr(AlphaEdit, "compute", real)
     res = runner.invoke(app, ["bench", "--resume", str(run)])
     assert res.exit_code == 0, res.output
-    assert json.loads((run / "metrics.json").read_text()) == want
+    assert science(json.loads((run / "metrics.json").read_text())) == want
 
     # without the state the third batch is solved as if nothing were preserved: other numbers
     monkeypatch.setattr(AlphaEdit, "load_state", lambda self, tensors: self.prepare())
@@ -174,7 +180,7 @@ def test_sequential_alphaedit_resumes_with_its_preserved_keys(tiny_bench, monkey
     (lost,) = list((tmp / "lost").iterdir())
     monkeypatch.setattr(AlphaEdit, "compute", real)
     assert runner.invoke(app, ["bench", "--resume", str(lost)]).exit_code == 0
-    assert json.loads((lost / "metrics.json").read_text()) != want
+    assert science(json.loads((lost / "metrics.json").read_text())) != want
 
 
 def test_bench_generation_metrics(tiny_bench):
