@@ -125,7 +125,10 @@ def summarize(run_dir: str | os.PathLike) -> RunSummary:
     bench = config.get("bench") or {}
     planned = (config.get("cases") or {}).get("n")
     batch = config.get("batch_size")
-    mode = "sequential" if config.get("sequential") else (f"batch {batch}" if batch and batch > 1 else "independent")
+    if config.get("sequential"):
+        mode = f"sequential, batches of {batch}" if batch and batch > 1 else "sequential"
+    else:
+        mode = f"batch {batch}" if batch and batch > 1 else "independent"
     run_id = str(config.get("run_id") or path.name)
     return RunSummary(path=path, run_id=run_id, time=_time(run_id, path),
                       kind=f"bench {bench.get('name')}" if bench else "edit", method=str(config.get("method", "?")),
@@ -267,6 +270,38 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+#: Columns of the report's summary table: post-edit means, one row per run.
+SUMMARY = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "locality",
+           "specificity_acc": "specificity", "efficacy_success": "ES", "paraphrase_success": "PS",
+           "neighborhood_success": "NS", "score": "score"}
+
+
+def edit_seconds_per_case(r: RunSummary) -> float | None:
+    """Editing time (method calls, evaluation excluded) per case, from metrics.json's ``time``."""
+    edit_s = (r.metrics.get("time") or {}).get("edit_s")
+    return edit_s / r.n if isinstance(edit_s, (int, float)) and r.n else None
+
+
+def summary_lines(runs: list[RunSummary]) -> list[str]:
+    """The comparison at a glance: one row per run, the headline metrics after the edit
+    (and, in the first row, before it, when every run has the same pre-edit means)."""
+    names = [m for m in SUMMARY if any(m in r.metrics.get("post", {}) for r in runs)]
+    lines = ["", "## Summary", "",
+             "Mean after the edit; time = editing seconds per case (evaluation excluded).", "",
+             "| # | method | mode | n | " + " | ".join(SUMMARY[m] for m in names) + " | time |",
+             "|---" * (len(names) + 5) + "|"]
+    pres = {json.dumps({m: r.metrics.get("pre", {}).get(m) for m in names}, sort_keys=True) for r in runs}
+    if len(pres) == 1:
+        pre = runs[0].metrics.get("pre", {})
+        lines.append("| | before editing | | | " + " | ".join(fmt(pre.get(m)) for m in names) + " | |")
+    for i, r in enumerate(runs, start=1):
+        sec = edit_seconds_per_case(r)
+        lines.append(f"| {i} | {_md(r.method)} | {_md(r.mode)} | {r.n} | "
+                     + " | ".join(fmt(r.metrics.get("post", {}).get(m)) for m in names)
+                     + f" | {'–' if sec is None else f'{sec:.1f} s'} |")
+    return lines
+
+
 def render_report(runs: list[RunSummary], charts: dict[str, str]) -> str:
     """The markdown report (``charts``: kind -> file name next to it)."""
     lines = ["# kedit report", "",
@@ -275,6 +310,7 @@ def render_report(runs: list[RunSummary], charts: dict[str, str]) -> str:
     for i, r in enumerate(runs, start=1):
         lines.append(f"| {i} | {_md(r.path)} | {_md(r.kind)} | {_md(r.method)} | {_md(r.model)} | {r.n} | "
                      f"{_md(r.mode)} | {r.status} |")
+    lines += summary_lines(runs)
     lines += ["", "## Metrics", "", "Mean before → **after** the edit (± standard error after the edit).", "",
               "| metric | " + " | ".join(f"{i}: {_md(r.label)}" for i, r in enumerate(runs, start=1)) + " |",
               "|---" * (len(runs) + 1) + "|"]

@@ -128,3 +128,22 @@ def test_runs_with_the_same_label_are_told_apart_by_their_settings(root, tmp_pat
     distinguish([a, b, c])
     assert (a.label, b.label) == ("rome, messi, n=1, layer=3", "rome, messi, n=1, layer=5")
     assert c.label == "memit, anchor-31, n=31"
+
+
+def test_summary_table_has_one_row_per_run_with_mode_and_time(root, tmp_path):
+    seq10 = make_run(root, "20261125-140000-bench-counterfact-memit-smollm2-135m-eeeeee",
+                     {**edit_config("memit", 4), "sequential": True, "batch_size": 10,
+                      "bench": {"name": "counterfact", "n": 20}},
+                     metrics({"rewrite_acc": 0.06, "locality_acc": 1.0, "efficacy_success": 0.36, "score": 0.46},
+                             {"rewrite_acc": 0.8, "locality_acc": 0.9, "efficacy_success": 0.95, "score": 0.7},
+                             n=20, time={"edit_s": 50.0, "pre_eval_s": 1.0, "eval_s": 2.0}))
+    assert summarize(seq10).mode == "sequential, batches of 10"
+    md = write_report([root / "20261125-100000-rome-smollm2-135m-aaaaaa", seq10], tmp_path / "r")["markdown"].read_text()
+    summary = md.split("## Summary")[1].split("## Metrics")[0]
+    assert "| # | method | mode | n | rewrite | locality | ES | score | time |" in summary
+    assert "| | before editing | | | 0.06 | 1.00 | 0.36 | 0.46 | |" in summary      # same cases: one pre row
+    assert "| 1 | rome | independent | 1 | 0.93 | 0.95 | 1.00 | 0.86 | – |" in summary
+    assert "| 2 | memit | sequential, batches of 10 | 20 | 0.80 | 0.90 | 0.95 | 0.70 | 2.5 s |" in summary
+    md2 = write_report([root / "20261125-100000-rome-smollm2-135m-aaaaaa", root / "20261125-120000-bench-zsre-rome-smollm2-135m-dddddd"],
+                       tmp_path / "r2")["markdown"].read_text()
+    assert "before editing" not in md2                                          # different cases: no shared row
