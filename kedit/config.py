@@ -3,7 +3,10 @@
 One loader for every method.  Unknown keys and wrong types are errors that name the
 file and the key, all reported at once.  An EasyEdit hparams YAML is accepted unchanged:
 its keys are translated (``EASYEDIT_KEYS``), its module-path templates are checked
-against the model's architecture adapter, and its bookkeeping keys are ignored.
+against the model's architecture adapter, and its bookkeeping keys are ignored.  Its
+values keep EasyEdit's meaning: where the target optimisation takes ``early_stop_on``,
+the file's threshold applies to the whole loss, as EasyEdit's ``compute_v`` /
+``compute_z`` compare it (kedit's own files stop on the target NLL).
 """
 
 from __future__ import annotations
@@ -195,6 +198,8 @@ def load_params(cls: type, path: str | Path, adapter: Any = None, overrides: dic
         raise ConfigError(f"{source}: expected a mapping of hyperparameters")
     if is_easyedit(data):
         data = translate_easyedit(data, source, adapter, getattr(cls, "LAYER_KEY", "layers"))
+        if "early_stop_on" in {f.name for f in dataclasses.fields(cls)}:
+            data.setdefault("early_stop_on", "total")
     data.pop("method", None)
     return build_params(cls, {**data, **(overrides or {})}, source)
 

@@ -82,6 +82,11 @@ def test_easyedit_rome_yaml_is_accepted_unchanged(tmp_path):
     assert (p.layer, p.v_num_grad_steps, p.v_weight_decay, p.mom2_adjustment, p.mom2_samples) == (1, 25, 1e-3, False, 100000)
     assert p.v_loss_layer == -1  # EasyEdit's "last layer" (2 of 3) is kedit's -1
     assert p.context_template_length_params == ((5, 10), (10, 10))
+    # EasyEdit's compute_v stops on the whole loss; kedit's own files on the target NLL
+    assert p.early_stop_on == "total"
+    assert load_params(get_method("rome").Params, f, adapter, {"early_stop_on": "nll"}).early_stop_on == "nll"
+    own = load_params(get_method("rome").Params, configs_dir() / "methods/rome/llama.yaml", adapter)
+    assert own.early_stop_on == "nll"
 
 
 def test_easyedit_module_paths_checked_against_the_model(tmp_path):

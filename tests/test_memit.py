@@ -234,7 +234,8 @@ def test_easyedit_memit_yaml_loads_and_wrong_module_is_refused(tmp_path):
     p = load_params(get_method("memit").Params, good, loaded.adapter)
     assert p == MemitParams(layers=(1, 2), clamp_norm_factor=0.75, fact_token="subject_last", v_num_grad_steps=25,
                             v_lr=0.5, v_loss_layer=-1, v_weight_decay=0.5, kl_factor=0.0625, mom2_adjustment=True,
-                            mom2_update_weight=15000, mom2_samples=100000)
+                            mom2_update_weight=15000, mom2_samples=100000,
+                            early_stop_on="total")  # EasyEdit's compute_z stops on the whole loss
     bad = tmp_path / "memit-bad.yaml"
     bad.write_text(EASYEDIT_MEMIT.format(rewrite="model.layers.{}.mlp.up_proj"))
     with pytest.raises(ConfigError) as err:

@@ -79,3 +79,25 @@ def test_block_index_finds_the_enclosing_block():
     assert block_index(a, a.mlp_out(1)) == 1 and block_index(a, a.block(0)) == 0
     with pytest.raises(ValueError):
         block_index(a, a.final_norm())
+
+
+
+def test_early_stop_on_nll_or_on_the_whole_loss():
+    """``early_stop_on="nll"`` stops a request once its target NLL is below the threshold;
+    ``"total"`` (the reference code's criterion) waits for NLL + KL + weight decay, so
+    where the decay term keeps the whole loss above the threshold it runs every step.
+    (Random tiny models give flat next-token distributions, so the threshold sits where
+    the NLL of this subject-final prompt gets within the run, not near zero.)"""
+    loaded = tiny_model("llama")
+    request = [EditRequest("c", "Paris is the capital city of {}", "the Kingdom of France", " of", " and")]
+    module = loaded.adapter.mlp_out(1)
+    opts = TargetOptions(steps=40, lr=0.5, early_stop_loss=6.0, weight_decay=1e-4, kl_factor=0.0,
+                         clamp_norm_factor=1000.0)
+    on_nll = optimise_targets(loaded, request, TEMPLATES, module, "subject_last", opts)
+    on_total = optimise_targets(loaded, request, TEMPLATES, module, "subject_last",
+                                dataclasses.replace(opts, early_stop_on="total"))
+    # stopped on the NLL early, while the whole loss was still above the threshold ...
+    assert on_nll.steps[0] < opts.steps - 1 and on_nll.nll[0] < opts.early_stop_loss < on_nll.loss[0]
+    # ... which "total" does not accept: it runs every step
+    assert on_total.steps[0] == opts.steps - 1 and on_total.loss[0] > opts.early_stop_loss
+    assert not torch.equal(on_total.delta, on_nll.delta)

@@ -20,6 +20,7 @@ class LocateEditParams:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
+    early_stop_on: Literal["nll", "total"] = "nll"
     mom2_adjustment: bool = True
     mom2_samples: int = 1000
     mom2_corpus: str | None = None
@@ -35,4 +36,5 @@ class LocateEditParams:
     def target_options(self) -> TargetOptions:
         return TargetOptions(steps=self.v_num_grad_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
                              clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                             early_stop_loss=self.early_stop_loss, loss_layer=self.v_loss_layer)
+                             early_stop_loss=self.early_stop_loss, early_stop_on=self.early_stop_on,
+                             loss_layer=self.v_loss_layer)

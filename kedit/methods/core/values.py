@@ -18,10 +18,11 @@ Loss of request i (ROME ``compute_v`` / MEMIT ``compute_z``, Meng et al. 2022/20
 
 with Adam on δ, δ_i clamped to ``clamp_norm_factor · ‖v0_i‖`` after each step (v0_i:
 the module's original output at the fact token of the bare prompt), and early stop
-once the target NLL term is below ``early_stop_loss`` (the reference code compares the
-total loss, whose KL and weight-decay floor on small models stays above the threshold
-long after the target is emitted; stopping on the NLL is the "target loss is small"
-criterion and saves most of the steps).  Only δ requires a gradient (every weight is frozen),
+once a loss is below ``early_stop_loss``: with ``early_stop_on="nll"`` the target NLL
+term (the "target loss is small" criterion: it saves most of the steps), with
+``"total"`` the whole L_i, as the reference code (ROME, MEMIT, EasyEdit) compares it --
+on small models the KL and weight-decay floor keeps L_i above the threshold long after
+the target is emitted, so "total" usually runs every step.  Only δ requires a gradient (every weight is frozen),
 and logits are computed only at the positions that enter the loss.  The blocks below the
 one that holds the edited module do not depend on δ: they run once, in the initial pass,
 whose residual stream entering that block is replayed at every step (``hooks.replay_from``).
@@ -57,6 +58,7 @@ class TargetOptions:
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     early_stop_loss: float = 5e-2
+    early_stop_on: str = "nll"    # "nll": the target NLL term; "total": the whole loss (reference code)
     loss_layer: int = -1          # block whose output feeds the LM head for the loss (-1: last)
     kl_prompts: tuple[str, ...] = ("{} is a",)
     batch_tokens: int = 4096      # rows per forward chunk (padded tokens); gradients accumulate
@@ -281,7 +283,7 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         for i in range(n):
             if active[i]:
                 last_loss[i], last_nll[i] = float(total[i]), float(nll[i])
-        done = active & (nll < opts.early_stop_loss)
+        done = active & ((total if opts.early_stop_on == "total" else nll) < opts.early_stop_loss)
         if not update:
             break
         keep = (~active | done).to(device)
