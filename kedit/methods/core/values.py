@@ -21,11 +21,12 @@ the module's original output at the fact token of the bare prompt), and early st
 once a loss is below ``early_stop_loss``: with ``early_stop_on="nll"`` the target NLL
 term (the "target loss is small" criterion: it saves most of the steps), with
 ``"total"`` the whole L_i, as the reference code (ROME, MEMIT, EasyEdit) compares it --
-on small models the KL and weight-decay floor keeps L_i above the threshold long after
-the target is emitted, so "total" usually runs every step.  Only δ requires a gradient (every weight is frozen),
-and logits are computed only at the positions that enter the loss.  The blocks below the
-one that holds the edited module do not depend on δ: they run once, in the initial pass,
-whose residual stream entering that block is replayed at every step (``hooks.replay_from``).
+the KL and weight-decay terms keep L_i above the threshold for some steps after the
+target is emitted, so "total" runs longer and fits a stronger δ.  Only δ requires a
+gradient (every weight is frozen), and logits are computed only at the positions that
+enter the loss.  The blocks below the one that holds the edited module do not depend
+on δ: they run once, in the initial pass, whose residual stream entering that block is
+replayed at every step (``hooks.replay_from``).
 Nor do the positions before the fact token, in any block: δ enters at the fact token and
 attention is causal.  The initial pass keeps their attention keys/values (a KV cache per
 row, for the blocks that run at every step); each step then runs only the positions from
