@@ -22,6 +22,7 @@ seeds it.  ``--compare`` counts the cases whose rephrase outcome a kedit run mat
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import shutil
 import statistics
@@ -49,6 +50,7 @@ def easyedit_package(src: Path, device: str) -> Path:
     if not (src / "models" / "rome" / "rome_main.py").is_file():
         raise SystemExit(f"{src}: not an unpacked easyeditor package (no models/rome/rome_main.py)")
     root = Path(tempfile.mkdtemp(prefix="easyedit-"))
+    atexit.register(shutil.rmtree, root, True)          # imported for this run only
     pkg = root / "easyeditor"
     shutil.copytree(src / "util", pkg / "util")
     shutil.copytree(src / "models" / "rome", pkg / "models" / "rome")
