@@ -59,7 +59,7 @@ def _forward_throughput(loaded, texts: list[str], batched: bool, token_budget: i
     """Full-model forward (LM head included) over ``texts``: (tokens/s, tokens)."""
     import torch
 
-    from kedit.stats import _plan_batches
+    from kedit.methods.core.stats import _plan_batches
 
     tok, model, device = loaded.tokenizer, loaded.model, loaded.adapter.device
     enc = tok(texts, truncation=True, max_length=1024)["input_ids"]
@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     # --- in-process measurements ----------------------------------------------------
     import torch
 
-    from kedit.corpus import wikitext_paragraphs
+    from kedit.data.corpus import wikitext_paragraphs
     from kedit.models.load import load_model
-    from kedit.stats import get_stats
+    from kedit.methods.core.stats import get_stats
 
     t = time.perf_counter()
     loaded = load_model(args.model, device=args.device, progress=lambda *a: None)

@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 
-from kedit.bench import load_benchmark  # noqa: E402
-from kedit.experiment import make_method  # noqa: E402
+from kedit.runs.bench import load_benchmark  # noqa: E402
+from kedit.runs.experiment import make_method  # noqa: E402
 from kedit.methods.base import RunContext  # noqa: E402
 from kedit.models.load import load_model  # noqa: E402
-from kedit.runner import run_edits  # noqa: E402
+from kedit.runs.runner import run_edits  # noqa: E402
 
 SHOW = ("rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_success", "neighborhood_success")
 

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 
-from kedit.cases import load_cases  # noqa: E402
-from kedit.experiment import make_method  # noqa: E402
+from kedit.data.cases import load_cases  # noqa: E402
+from kedit.runs.experiment import make_method  # noqa: E402
 from kedit.methods.base import RunContext  # noqa: E402
 from kedit.models.load import load_model  # noqa: E402
-from kedit.runner import run_edits  # noqa: E402
+from kedit.runs.runner import run_edits  # noqa: E402
 
 METRICS = ("rewrite_acc", "rephrase_acc", "locality_acc", "efficacy_success", "paraphrase_success",
            "neighborhood_success", "score")

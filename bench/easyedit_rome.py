@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kedit.models.load import load_model  # noqa: E402
-from kedit.stats import get_stats  # noqa: E402
+from kedit.methods.core.stats import get_stats  # noqa: E402
 
 # imports the copied parts carry but never use, and that kedit does not install
 UNUSED_IMPORTS = ("from matplotlib.style import context", "from datasets import load_dataset",

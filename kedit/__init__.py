@@ -44,7 +44,7 @@ def generate(*args, **kwargs):
 
 
 def compare_gen(*args, **kwargs):
-    """See :func:`kedit.api.compare_gen` (named so as not to clash with the module kedit.compare)."""
+    """See :func:`kedit.api.compare_gen` (named so as not to clash with the module kedit.runs.compare)."""
     from kedit.api import compare_gen as _compare_gen
 
     return _compare_gen(*args, **kwargs)

@@ -11,10 +11,10 @@
     result.delta.save("messi.safetensors")        # the weight change
     result.export("messi-model/")                 # a Hugging Face model directory
 
-* :func:`edit` -- edit and measure (:class:`kedit.runner.EditResult`, bound to the model).
+* :func:`edit` -- edit and measure (:class:`kedit.runs.runner.EditResult`, bound to the model).
 * :func:`load_run` -- a run directory read back as an EditResult.
 * :func:`generate` -- greedy (or seeded sampled) continuations.
-* :func:`compare_gen` -- before/after generations of a result (see :mod:`kedit.compare`).
+* :func:`compare_gen` -- before/after generations of a result (see :mod:`kedit.runs.compare`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kedit.cases import EditCase, load_cases
-from kedit.experiment import make_method
+from kedit.data.cases import EditCase, load_cases
+from kedit.runs.experiment import make_method
 from kedit.methods.base import RunContext
 from kedit.models.load import LoadedModel, load_model
-from kedit.runner import EditResult, run_edits
+from kedit.runs.runner import EditResult, run_edits
 
 
 def edit(model: LoadedModel | str, cases: Sequence[EditCase] | str | Path, method: str = "rome",
@@ -65,16 +65,16 @@ def load_run(run_dir: str | Path, model: LoadedModel | str | None = None, *, for
 
     With ``model`` (a LoadedModel or a spec to load) the result is bound to it, after
     checking that it is the run's base model (``force=True`` skips the check)."""
-    from kedit.patch import load_run as _load_run
+    from kedit.runs.export import load_run as _load_run
 
     loaded = load_model(model) if isinstance(model, str) else model
     return _load_run(run_dir, loaded, force=force)
 
 
 def generate(model: LoadedModel, prompts: Sequence[str] | str, max_new_tokens: int = 24, **options) -> list[str]:
-    """Continuations of ``prompts`` (see :func:`kedit.generation.generate`: greedy, or
+    """Continuations of ``prompts`` (see :func:`kedit.evaluation.generation.generate`: greedy, or
     ``sample=True, temperature=..., seed=...``)."""
-    from kedit.generation import generate as _generate
+    from kedit.evaluation.generation import generate as _generate
 
     return _generate(model, [prompts] if isinstance(prompts, str) else list(prompts), max_new_tokens, **options)
 
@@ -82,8 +82,8 @@ def generate(model: LoadedModel, prompts: Sequence[str] | str, max_new_tokens: i
 def compare_gen(result: EditResult, prompts: Sequence[str] | None = None, *, case: str | None = None,
             all: bool = False, max_new_tokens: int = 24, **options) -> list[dict]:
     """Before/after generation rows ``{"case_id", "kind", "prompt", "before", "after"}``
-    for a result bound to its model (see :func:`kedit.compare.compare_result`)."""
-    from kedit.compare import compare_result
+    for a result bound to its model (see :func:`kedit.runs.compare.compare_result`)."""
+    from kedit.runs.compare import compare_result
 
     if result.model is None:
         raise ValueError("the result is not bound to a model (kedit.edit binds it; kedit.load_run(run, model))")

@@ -27,9 +27,9 @@ def fail(msg: str) -> None:
 
 def user_errors():
     """Exceptions that are the user's input, reported as one line with exit status 2."""
-    from kedit.cases import CasesError
+    from kedit.data.cases import CasesError
     from kedit.config import ConfigError
-    from kedit.corpus import CorpusError
+    from kedit.data.corpus import CorpusError
     from kedit.models.arch import UnsupportedArchitecture
     from kedit.models.load import ModelError
 
@@ -80,7 +80,7 @@ def parse_sets(items: list[str]) -> dict:
 def validate(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
              fmt: str = typer.Option("auto", "--format", help="auto | kedit | easyedit | rome | zsre")):
     """Check an edit-cases file without loading a model."""
-    from kedit.cases import validate_cases
+    from kedit.data.cases import validate_cases
 
     try:
         n, layout = validate_cases(cases, fmt)
@@ -93,7 +93,7 @@ def validate(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)")
 def models():
     """List the embedded default, the model configs in configs/models and the cached models."""
     from kedit.models.load import DEFAULT_MODEL, model_configs
-    from kedit.paths import kedit_home
+    from kedit.util.paths import kedit_home
 
     t = Table(title="models")
     for col in ("name", "source", "description"):
@@ -114,7 +114,7 @@ def models():
 def methods():
     """List the editing methods and their hyperparameter files."""
     from kedit.methods.registry import get_method, method_names
-    from kedit.paths import configs_dir
+    from kedit.util.paths import configs_dir
 
     t = Table(title="methods")
     for col in ("method", "description", "hparams files"):
@@ -137,7 +137,7 @@ def stats(model: str = ModelOpt,
           max_length: int = typer.Option(1024, "--max-length", help="tokens per text (truncated)"),
           device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Second moments E(k kᵀ) of MLP keys per layer, computed in one pass and cached."""
-    from kedit.stats import get_stats, stats_report
+    from kedit.methods.core.stats import get_stats, stats_report
 
     try:
         loaded = _load(model, device, dtype)
@@ -221,10 +221,10 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
     """Edit a model, measure every case before and after, write runs/<id>/."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from kedit.cases import load_cases
-    from kedit.experiment import generations_before_after, make_method, resolved_config, write_run
+    from kedit.data.cases import load_cases
+    from kedit.runs.experiment import generations_before_after, make_method, resolved_config, write_run
     from kedit.methods.base import RunContext
-    from kedit.runner import run_edits
+    from kedit.runs.runner import run_edits
 
     try:
         case_list = load_cases(cases, fmt)
@@ -254,7 +254,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
         raise typer.Exit(130)
     print_result(result)
     if gens:
-        from kedit.generation import render_table
+        from kedit.evaluation.generation import render_table
 
         render_table([g for g in gens if g["kind"] in ("prompt", "rephrase", "locality", "subject")], console)
     run_dir = write_run(out, loaded, meth, result, config, gens)
@@ -286,10 +286,10 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
     """Benchmark a method on CounterFact or zsRE; resumable with --resume RUN_DIR."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from kedit.bench import BENCHMARKS, BenchError, load_bench_config, load_benchmark, run_bench, save_bench_config
-    from kedit.experiment import make_method, resolved_config
+    from kedit.runs.bench import BENCHMARKS, BenchError, load_bench_config, load_benchmark, run_bench, save_bench_config
+    from kedit.runs.experiment import make_method, resolved_config
     from kedit.methods.base import RunContext
-    from kedit.runs import new_run_id, unique_run_id
+    from kedit.runs.rundir import new_run_id, unique_run_id
 
     try:
         if resume:
@@ -369,7 +369,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                         sums[k] = sums.get(k, 0.0) + rec["post"][k]
                 means = "  ".join(f"{k.split('_')[0]} {v / count[0]:.2f}" for k, v in sums.items())
                 bar.update(task, advance=1, description=f"bench  {means}")
-            from kedit.runs import read_results
+            from kedit.runs.rundir import read_results
             bar.update(task, completed=len(read_results(run_dir / "results.jsonl")))
             metrics = run_bench(meth, cases, run_dir, batch_size=batch_size, sequential=sequential,
                                 checkpoint_every=checkpoint_every, progress=on_case, extra_metrics=extra)
@@ -397,9 +397,9 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
 # --------------------------------------------------------------------------- compare-gen, apply, runs, report
 
 def _run_errors():
-    from kedit.bench import BenchError
-    from kedit.patch import PatchError
-    from kedit.report import ReportError
+    from kedit.runs.bench import BenchError
+    from kedit.runs.export import PatchError
+    from kedit.runs.report import ReportError
 
     return (PatchError, ReportError, BenchError, *user_errors())
 
@@ -430,8 +430,8 @@ def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kedit.api import edit as api_edit
-    from kedit.compare import compare_result, compare_run, read_prompts_file, write_compare
-    from kedit.generation import render_table
+    from kedit.runs.compare import compare_result, compare_run, read_prompts_file, write_compare
+    from kedit.evaluation.generation import render_table
 
     if (run is None) == (cases is None):
         fail("give a run directory or --cases FILE (not both)")
@@ -448,7 +448,7 @@ def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (
                 rows, paths = compare_run(run, model=model, prompts=prompts or None, force=force, device=device,
                                           dtype=dtype, progress=_say, **options)
         else:
-            from kedit.cases import load_cases
+            from kedit.data.cases import load_cases
 
             case_list = load_cases(cases)
             loaded = _load(model or "smollm2-135m", device, dtype or "float32")
@@ -480,7 +480,7 @@ def apply_patch(run: Path = typer.Argument(..., help="run directory whose delta.
                 force: bool = typer.Option(False, "--force", help="apply to a model whose fingerprint is not the run's"),
                 dtype: Optional[str] = typer.Option(None, "--dtype", help="default: the run's")):
     """Write the edited model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads it)."""
-    from kedit.patch import export_run
+    from kedit.runs.export import export_run
 
     try:
         with err.status("[bold]loading the base model, applying the patch, saving ..."):
@@ -496,7 +496,7 @@ def apply_patch(run: Path = typer.Argument(..., help="run directory whose delta.
 @app.command("runs")
 def runs_list(root: Path = typer.Argument(Path("runs"), help="directory of run directories")):
     """A table of the runs in a directory: time, method, model, n, headline metrics."""
-    from kedit.report import list_runs, runs_table
+    from kedit.runs.report import list_runs, runs_table
 
     try:
         found = list_runs(root)
@@ -515,7 +515,7 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
     """Compare runs side by side: a markdown report and PNG charts (pre vs post; sequential curves)."""
     import datetime as dt
 
-    from kedit.report import comparison_table, distinguish, summarize, write_report
+    from kedit.runs.report import comparison_table, distinguish, summarize, write_report
 
     out = out or Path("reports") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
@@ -553,11 +553,11 @@ def trace(model: str = ModelOpt,
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from kedit.cases import load_cases
-    from kedit.experiment import versions
-    from kedit.trace import (TraceError, TraceSettings, configured_layers, embedding_std, prepare_prompt,
+    from kedit.data.cases import load_cases
+    from kedit.runs.experiment import versions
+    from kedit.analysis.trace import (TraceError, TraceSettings, configured_layers, embedding_std, prepare_prompt,
                              settings_dict, total_restorations, trace_cases, trace_prompt)
-    from kedit.trace_report import write_trace_run
+    from kedit.analysis.trace_report import write_trace_run
 
     if prompt is None and cases is None:
         fail("give --prompt and --subject (heatmaps), --cases FILE (average curve), or both")

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from kedit.paths import configs_dir
+from kedit.util.paths import configs_dir
 
 
 class ConfigError(ValueError):

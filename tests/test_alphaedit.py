@@ -7,16 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kedit.methods.alphaedit as ae
+import kedit.methods.locate.alphaedit as ae
 from kedit.config import ConfigError, build_params, load_params
 from kedit.evaluation import evaluate_cases
-from kedit.methods.alphaedit import AlphaEditParams, projector, projector_path
+from kedit.methods.locate.alphaedit import AlphaEditParams, projector, projector_path
 from kedit.methods.base import Delta, EditRequest, RunContext
 from kedit.methods.core.keys import compute_keys
 from kedit.methods.core.solve import nullspace_projector, nullspace_update
 from kedit.methods.registry import get_method
-from kedit.paths import configs_dir
-from kedit.stats import get_stats
+from kedit.util.paths import configs_dir
+from kedit.methods.core.stats import get_stats
 from tiny import FAMILIES, tiny_model
 
 # Subjects end their prompts and end in distinct tokens (see test_memit).
@@ -41,7 +41,7 @@ def hits(loaded, cases) -> list[float]:
 
 
 def cases_for(loaded, facts=FACTS):
-    from kedit.cases import EditCase
+    from kedit.data.cases import EditCase
 
     out = []
     for i, (template, subject) in enumerate(facts):
@@ -281,7 +281,7 @@ def test_params_configs_and_easyedit_yaml(tmp_path):
 def test_runner_commits_every_sequential_batch(tmp_path):
     """Through the runner: two sequential batches of 4, each committed (the delta the
     runner hands back is the one compute returned), the model restored at the end."""
-    from kedit.runner import run_edits
+    from kedit.runs.runner import run_edits
 
     loaded = tiny_model("qwen2")
     cases = cases_for(loaded)

@@ -17,10 +17,10 @@ from test_patch import CASES, HPARAMS
 from tiny import save_tiny_model_dir, tiny_model
 
 import kedit
-from kedit.cases import case_from_dict
+from kedit.data.cases import case_from_dict
 from kedit.evaluation import evaluate_cases
 from kedit.methods.base import Delta
-from kedit.patch import PatchError
+from kedit.runs.export import PatchError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,10 @@ import yaml
 from tiny import save_tiny_model_dir
 from typer.testing import CliRunner
 
-from kedit.bench import BenchError, complete_records, load_benchmark
+from kedit.runs.bench import BenchError, complete_records, load_benchmark
 from kedit.cli import app
-from kedit.methods.rome import ROME
-from kedit.runs import read_results
+from kedit.methods.locate.rome import ROME
+from kedit.runs.rundir import read_results
 
 runner = CliRunner()
 
@@ -144,7 +144,7 @@ def test_sequential_alphaedit_resumes_with_its_preserved_keys(tiny_bench, monkey
     a resumed run that lost it would solve the later batches differently."""
     from safetensors import safe_open
 
-    from kedit.methods.alphaedit import AlphaEdit
+    from kedit.methods.locate.alphaedit import AlphaEdit
 
     args, tmp = tiny_bench
     hp = tmp / "alphaedit.yaml"

@@ -1,4 +1,4 @@
-"""Tests of kedit.cases: readers, validation messages, writer (no model needed)."""
+"""Tests of kedit.data.cases: readers, validation messages, writer (no model needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kedit.cases import (
+from kedit.data.cases import (
     CasesError,
     EditCase,
     PromptSet,
@@ -127,7 +127,7 @@ def test_zsre_mend_layout_and_its_two_empty_targets(caplog):
     msg = error(path)
     assert msg.endswith("zsre_mend_train-1k.json:record 535: field 'alt': "
                         "empty target (nothing left after stripping whitespace)")
-    with caplog.at_level(logging.WARNING, logger="kedit.cases"):
+    with caplog.at_level(logging.WARNING, logger="kedit.data.cases"):
         cases = load_cases(path, skip_invalid=True)
     assert len(cases) == 998
     assert sum("record 535" in r.getMessage() or "record 724" in r.getMessage() for r in caplog.records) == 2

@@ -92,11 +92,11 @@ def test_edit_writes_a_complete_run_directory(tiny_dir):
 
 def test_interrupted_edit_leaves_no_run_directory(tiny_dir, monkeypatch):
     d, cases, hp, tmp = tiny_dir
-    import kedit.runner
+    import kedit.runs.runner
 
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(kedit.runner, "run_edits", boom)
+    monkeypatch.setattr(kedit.runs.runner, "run_edits", boom)
     out = tmp / "runs"
     res = runner.invoke(app, ["edit", str(cases), "--model", str(d), "--hparams", str(hp), "--out", str(out),
                               "--stats-dir", str(tmp / "stats"), "--device", "cpu"])
@@ -127,7 +127,7 @@ def test_unreachable_hub_id_is_a_one_line_error(monkeypatch, tmp_path):
 
 
 def test_run_ids_never_collide(tmp_path):
-    from kedit.runs import RunDir
+    from kedit.runs.rundir import RunDir
 
     a = RunDir(tmp_path, "20260101-000000-rome-m-abcdef")
     b = RunDir(tmp_path, "20260101-000000-rome-m-abcdef")  # same config, same second

@@ -12,10 +12,10 @@ from tiny import save_tiny_model_dir
 from typer.testing import CliRunner
 
 from kedit.cli import app
-from kedit.compare import compare_result, read_prompts_file
-from kedit.generation import default_prompts, generate
+from kedit.runs.compare import compare_result, read_prompts_file
+from kedit.evaluation.generation import default_prompts, generate
 from kedit.models.load import load_model
-from kedit.patch import PatchError, applied, load_run
+from kedit.runs.export import PatchError, applied, load_run
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ from tiny import tiny_model
 
 from kedit.config import ConfigError, load_params, resolve_params
 from kedit.methods.registry import get_method, method_names
-from kedit.paths import configs_dir
+from kedit.util.paths import configs_dir
 
 
 def all_method_configs():

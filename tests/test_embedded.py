@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kedit.api import edit
-from kedit.cases import load_cases
+from kedit.data.cases import load_cases
 from kedit.evaluation import evaluate_cases
 from kedit.models.load import load_model
 

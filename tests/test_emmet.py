@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kedit.methods.emmet as emmet_mod
+import kedit.methods.locate.emmet as emmet_mod
 from kedit.config import ConfigError, build_params, load_params
-from kedit.hooks import record
+from kedit.models.hooks import record
 from kedit.methods.base import EditRequest, RunContext
 from kedit.methods.core.solve import equality_constrained_update, least_squares_update, rank_one_update
-from kedit.methods.emmet import EmmetParams
+from kedit.methods.locate.emmet import EmmetParams
 from kedit.methods.registry import get_method
-from kedit.paths import configs_dir
-from kedit.tokens import subject_token_index
+from kedit.util.paths import configs_dir
+from kedit.models.tokens import subject_token_index
 from test_alphaedit import FACTS, cases_for, hits
 from tiny import FAMILIES, tiny_model
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from kedit.cases import EditCase
+from kedit.data.cases import EditCase
 from kedit.evaluation.fluency import TfidfReference, fluency, generation_prompts, ngram_entropy
 
 

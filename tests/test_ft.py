@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kedit.cases import EditCase
+from kedit.data.cases import EditCase
 from kedit.config import ConfigError, build_params, load_params
 from kedit.evaluation import evaluate_cases
 from kedit.methods.base import EditRequest, RunContext
 from kedit.methods.core.keys import Row
-from kedit.methods.ft import loss_terms
+from kedit.methods.finetune.ft import loss_terms
 from kedit.methods.registry import get_method
-from kedit.paths import configs_dir
+from kedit.util.paths import configs_dir
 from tiny import FAMILIES, tiny_model
 
 # As in test_rome: the subject ends the prompt, one-token target.

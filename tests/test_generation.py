@@ -6,8 +6,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from kedit.cases import EditCase, PromptSet
-from kedit.generation import (
+from kedit.data.cases import EditCase, PromptSet
+from kedit.evaluation.generation import (
     common_prefix,
     default_prompts,
     generate,

@@ -6,18 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kedit.methods.memit as memit_mod
-from kedit.cases import EditCase
+import kedit.methods.locate.memit as memit_mod
+from kedit.data.cases import EditCase
 from kedit.config import ConfigError, build_params, load_params
 from kedit.evaluation import evaluate_cases
-from kedit.hooks import record
+from kedit.models.hooks import record
 from kedit.methods.base import EditRequest, RunContext
 from kedit.methods.core.keys import compute_keys
-from kedit.methods.memit import MemitParams
+from kedit.methods.locate.memit import MemitParams
 from kedit.methods.registry import get_method
-from kedit.paths import configs_dir
-from kedit.runner import run_edits
-from kedit.tokens import subject_token_index
+from kedit.util.paths import configs_dir
+from kedit.runs.runner import run_edits
+from kedit.models.tokens import subject_token_index
 from tiny import FAMILIES, tiny_model
 
 # As in test_rome: random tiny models pass little through attention, so each subject ends
@@ -108,11 +108,11 @@ def test_memit_batch_of_8_makes_every_target_the_argmax(family, tmp_path):
 
 def test_memit_with_covariance_from_the_shipped_corpus(tmp_path, monkeypatch):
     """C from 30 WikiText-2 texts for both layers (one get_stats call), GPT-2's Conv1D layout."""
-    import kedit.stats
+    import kedit.methods.core.stats
 
     calls = []
-    real = kedit.stats.get_stats
-    monkeypatch.setattr(kedit.stats, "get_stats", lambda loaded, layers, **kw: calls.append(list(layers))
+    real = kedit.methods.core.stats.get_stats
+    monkeypatch.setattr(kedit.methods.core.stats, "get_stats", lambda loaded, layers, **kw: calls.append(list(layers))
                         or real(loaded, layers, **kw))
     loaded = tiny_model("gpt2")
     cases = cases_for(loaded)

@@ -6,7 +6,7 @@ import torch
 
 import kedit.evaluation.metrics as metrics_mod
 from fakes import PeekLM, TableLM, bpe_tokenizer, smollm2_tokenizer, tiny_llama, word_tokenizer
-from kedit.cases import EditCase, PromptSet
+from kedit.data.cases import EditCase, PromptSet
 from kedit.evaluation import (
     METRICS,
     LocalityReference,
@@ -18,7 +18,7 @@ from kedit.evaluation import (
     token_accuracy,
 )
 from kedit.evaluation.scoring import TargetScore
-from kedit.tokens import encode_prompt_target
+from kedit.models.tokens import encode_prompt_target
 
 WORDS = (
     "The tower is in located Paris Rome city of capital Italy France speaks French Italian".split()

@@ -13,13 +13,13 @@ import yaml
 from tiny import save_tiny_model_dir
 from typer.testing import CliRunner
 
-from kedit.cases import load_cases
+from kedit.data.cases import load_cases
 from kedit.cli import app
 from kedit.evaluation import evaluate_cases
 from kedit.methods.base import Delta
 from kedit.models.load import load_model
-from kedit.patch import PatchError, applied, load_run, read_patch, select_deltas
-from kedit.runs import read_results
+from kedit.runs.export import PatchError, applied, load_run, read_patch, select_deltas
+from kedit.runs.rundir import read_results
 
 runner = CliRunner()
 
@@ -239,7 +239,7 @@ def test_export_of_a_model_converted_from_gguf(runs, tmp_path):
     refuses save_pretrained, so the export rebuilds a plain model around the same tensors."""
     from transformers import AutoModelForCausalLM
 
-    from kedit.patch import export_model
+    from kedit.runs.export import export_model
 
     src = save_tiny_model_dir(tmp_path / "from-gguf")
     cfg = json.loads((src / "config.json").read_text())

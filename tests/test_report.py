@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kedit.cli import app
-from kedit.report import config_differences, distinguish, list_runs, summarize, write_report
+from kedit.runs.report import config_differences, distinguish, list_runs, summarize, write_report
 
 runner = CliRunner()
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kedit.cases import EditCase, PromptSet
+from kedit.data.cases import EditCase, PromptSet
 from kedit.config import build_params
 from kedit.evaluation import evaluate_cases
 from kedit.methods.base import Delta, EditRequest, RunContext
 from kedit.methods.core.keys import compute_keys
 from kedit.methods.core.solve import least_squares_update, rank_one_update
 from kedit.methods.registry import get_method
-from kedit.runner import run_edits
+from kedit.runs.runner import run_edits
 from tiny import FAMILIES, tiny_model
 
 # Random tiny models pass little through attention (weights ~ N(0, 0.02)), so the edited
@@ -106,8 +106,8 @@ def test_keys_are_the_projection_inputs_at_the_subject_token(tmp_path):
     req = EditRequest.from_case(CASE)
     keys = compute_keys(loaded, [req], [0, 2], ["{}", "Hello world. {}"])
     # direct: run the bare prompt, grab the mlp_out input at the subject's last token
-    from kedit.hooks import record
-    from kedit.tokens import subject_token_index
+    from kedit.models.hooks import record
+    from kedit.models.tokens import subject_token_index
 
     text, idx = subject_token_index(loaded.tokenizer, CASE.template, CASE.subject)
     ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
@@ -145,7 +145,7 @@ def test_delta_save_load_roundtrip(tmp_path):
 def test_rome_in_bfloat16_keeps_the_weight_dtype_and_solves_in_float64(tmp_path, monkeypatch):
     """The CUDA path's dtypes, checked on CPU: a bf16 model gets a bf16 delta from a float64 solve."""
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
-    import kedit.methods.rome as rome_mod
+    import kedit.methods.locate.rome as rome_mod
 
     loaded = tiny_model("qwen2")
     loaded.model.to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Key statistics (kedit.stats) and corpora (kedit.corpus) on tiny random models."""
+"""Key statistics (kedit.methods.core.stats) and corpora (kedit.data.corpus) on tiny random models."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import tiny_model  # noqa: E402
 
-from kedit.corpus import CorpusError, load_corpus, wikitext_paragraphs  # noqa: E402
-from kedit.stats import SecondMoment, compute_second_moments, get_stats, stats_report  # noqa: E402
+from kedit.data.corpus import CorpusError, load_corpus, wikitext_paragraphs  # noqa: E402
+from kedit.methods.core.stats import SecondMoment, compute_second_moments, get_stats, stats_report  # noqa: E402
 
 N = 10          # texts per corpus in these tests
 MAXLEN = 48     # tokens per text
@@ -232,7 +232,7 @@ def test_bad_cache_file_is_recomputed(llama, tmp_path, caplog, damage):
         _rewrite(path, torch.full((d, d), float("nan"), dtype=torch.float64))
     else:
         _rewrite(path, **{damage: "something-else"})
-    caplog.set_level(logging.WARNING, logger="kedit.stats")
+    caplog.set_level(logging.WARNING, logger="kedit.methods.core.stats")
     with count_calls(llama.model) as calls:
         again = get_stats(llama, [1], samples=N, max_length=MAXLEN, stats_dir=tmp_path, progress=False)
     assert calls[0] > 0 and not again.info[1].cached

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fakes import bpe_tokenizer, smollm2_tokenizer, word_tokenizer
-from kedit.tokens import (
+from kedit.models.tokens import (
     PromptTarget,
     char_span_to_tokens,
     encode_prompt_target,

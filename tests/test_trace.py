@@ -10,10 +10,10 @@ import yaml
 from tiny import save_tiny_model_dir, tiny_model
 from typer.testing import CliRunner
 
-from kedit.cases import EditCase
+from kedit.data.cases import EditCase
 from kedit.cli import app
-from kedit.tokens import encode_prompt_target
-from kedit.trace import (KINDS, Restoration, TraceError, Tracer, TraceSettings, embedding_std, prepare_prompt,
+from kedit.models.tokens import encode_prompt_target
+from kedit.analysis.trace import (KINDS, Restoration, TraceError, Tracer, TraceSettings, embedding_std, prepare_prompt,
                          suggest_layers, trace_cases, trace_prompt, window_layers)
 
 PROMPT = "The Eiffel Tower is in"
@@ -50,8 +50,8 @@ def _reference_p(loaded, tp, tracer, kind, layers, token):
     forward per noise draw with the noise added and the clean outputs written back."""
     import torch
 
-    from kedit.hooks import edit_output
-    from kedit.trace import _module
+    from kedit.models.hooks import edit_output
+    from kedit.analysis.trace import _module
 
     ps = []
     for k in range(tracer.samples):

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from kedit.corpus import wikitext_paragraphs
+from kedit.data.corpus import wikitext_paragraphs
 from kedit.models.arch import ModelAdapter
 from kedit.models.load import LoadedModel
 

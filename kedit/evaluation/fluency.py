@@ -110,7 +110,7 @@ def generation_prompts(case: Any) -> tuple[list[str], str]:
 def generation_metrics(loaded: Any, cases: Sequence[Any], *, max_new_tokens: int = 100, seed: int = 0,
                        reference: TfidfReference | None = None, batch_size: int = 16) -> list[dict[str, float]]:
     """``fluency`` (and ``consistency`` with a reference) per case, in case order."""
-    from kedit.generation import generate
+    from kedit.evaluation.generation import generate
 
     prompts, owner = [], []
     for i, case in enumerate(cases):

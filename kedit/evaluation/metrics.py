@@ -30,7 +30,7 @@ import torch
 from kedit.evaluation.scoring import TargetScore, score_targets
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kedit.cases import EditCase
+    from kedit.data.cases import EditCase
 
 __all__ = [
     "METRICS",

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kedit.tokens import PromptTarget, encode_prompt_target, pad_batch
+from kedit.models.tokens import PromptTarget, encode_prompt_target, pad_batch
 
 __all__ = ["TargetScore", "model_device", "pad_token_id", "score_targets"]
 
@@ -64,7 +64,7 @@ def score_targets(
 ) -> list[TargetScore]:
     """Score each ``(prompt, target)`` with teacher forcing, in input order.
 
-    Each pair is encoded with :func:`kedit.tokens.encode_prompt_target`; pairs are
+    Each pair is encoded with :func:`kedit.models.tokens.encode_prompt_target`; pairs are
     sorted by length, right-padded into batches of ``batch_size`` (one forward each,
     with the attention mask, under ``torch.inference_mode()``), and only the logits at
     positions predicting target tokens (position ``i - 1`` predicts token ``i``) are

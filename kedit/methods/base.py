@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from kedit.cases import EditCase
+    from kedit.data.cases import EditCase
     from kedit.models.load import LoadedModel
 
 
@@ -110,7 +110,7 @@ class Delta:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        from kedit.atomic import atomic_path
+        from kedit.util.atomic import atomic_path
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         with atomic_path(Path(path)) as tmp:

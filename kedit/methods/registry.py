@@ -8,11 +8,11 @@ import importlib
 from kedit.methods.base import Method
 
 # Modules that define methods; importing them runs their @register decorators.
-METHOD_MODULES = ("kedit.methods.rome",)
-METHOD_MODULES += ("kedit.methods.memit",)
-METHOD_MODULES += ("kedit.methods.alphaedit",)
-METHOD_MODULES += ("kedit.methods.emmet",)
-METHOD_MODULES += ("kedit.methods.ft",)
+METHOD_MODULES = ("kedit.methods.locate.rome",)
+METHOD_MODULES += ("kedit.methods.locate.memit",)
+METHOD_MODULES += ("kedit.methods.locate.alphaedit",)
+METHOD_MODULES += ("kedit.methods.locate.emmet",)
+METHOD_MODULES += ("kedit.methods.finetune.ft",)
 
 
 class Registry:

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from kedit.atomic import write_text
+from kedit.util.atomic import write_text
 from kedit.models.arch import ModelAdapter
-from kedit.paths import configs_dir, kedit_home
+from kedit.util.paths import configs_dir, kedit_home
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

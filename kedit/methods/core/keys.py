@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kedit.hooks import record, run_until_stopped
+from kedit.models.hooks import record, run_until_stopped
 from kedit.methods.base import EditRequest
 from kedit.methods.core.templates import fill
-from kedit.tokens import encode_prompt_target, pad_batch, subject_token_indices
+from kedit.models.tokens import encode_prompt_target, pad_batch, subject_token_indices
 
 
 @dataclass(frozen=True)

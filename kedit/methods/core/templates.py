@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kedit.atomic import write_text
-from kedit.paths import kedit_home
+from kedit.util.atomic import write_text
+from kedit.util.paths import kedit_home
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 

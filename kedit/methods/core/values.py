@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from kedit.hooks import edit_output, record, replay_from, run_until_stopped
+from kedit.models.hooks import edit_output, record, replay_from, run_until_stopped
 from kedit.methods.base import EditRequest
 from kedit.methods.core.keys import Row, _chunks, batch_tensors, pad_id, target_rows
 

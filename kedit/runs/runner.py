@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from kedit.cases import EditCase
+from kedit.data.cases import EditCase
 from kedit.evaluation import aggregate, evaluate_cases
 from kedit.methods.base import Delta, EditRequest, Method, RunContext
 
@@ -42,12 +42,12 @@ class EditResult:
         names = list(dict.fromkeys([*self.metrics["pre"], *self.metrics["post"]]))
         return [(n, self.metrics["pre"].get(n), self.metrics["post"].get(n)) for n in names]
 
-    # --- the edit as a patch (see kedit.patch for which deltas a choice means) ---------------
+    # --- the edit as a patch (see kedit.runs.export for which deltas a choice means) ---------------
     def select(self, case: str | None = None, all: bool = False) -> list[Delta]:
         """The deltas that make the edited model, in order: the only one, every step of a
         sequential run, ``case``'s, or with ``all=True`` every independent edit (their sum is
         a model no run evaluated)."""
-        from kedit.patch import select_deltas
+        from kedit.runs.export import select_deltas
 
         return select_deltas(self.deltas, self.sequential, case, all)
 
@@ -71,7 +71,7 @@ class EditResult:
               force: bool = False) -> EditResult:
         """Put the edit into the model's weights (in place) until :meth:`revert`.  A
         LoadedModel whose fingerprint is not :attr:`base_fingerprint` is refused unless ``force``."""
-        from kedit.patch import apply_deltas, check_fingerprint
+        from kedit.runs.export import apply_deltas, check_fingerprint
 
         if self._applied:
             raise RuntimeError("the edit is already applied; revert() first")
@@ -83,7 +83,7 @@ class EditResult:
 
     def revert(self) -> None:
         """Restore the weights :meth:`apply` changed, bit-identically."""
-        from kedit.patch import revert_deltas
+        from kedit.runs.export import revert_deltas
 
         if not self._applied:
             raise RuntimeError("the edit is not applied")
@@ -102,8 +102,8 @@ class EditResult:
             self.revert()
 
     def export(self, out_dir: Any, model: Any = None, *, case: str | None = None, all: bool = False) -> Any:
-        """Write the edited model as a Hugging Face directory (see :func:`kedit.patch.export_model`)."""
-        from kedit.patch import export_model
+        """Write the edited model as a Hugging Face directory (see :func:`kedit.runs.export.export_model`)."""
+        from kedit.runs.export import export_model
 
         loaded = model if model is not None else self.model
         if loaded is None or not hasattr(loaded, "tokenizer"):

@@ -57,7 +57,7 @@ from torch.func import functional_call
 from kedit.methods.base import Delta, EditRequest, Method
 from kedit.methods.core.keys import Row, batch_tensors, pad_id
 from kedit.methods.registry import register
-from kedit.tokens import encode_prompt_target
+from kedit.models.tokens import encode_prompt_target
 
 Objective = Literal["prompt_last", "target_new"]
 

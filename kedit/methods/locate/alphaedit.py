@@ -3,7 +3,7 @@ the preserved knowledge, so that sequential batches stop overwriting earlier edi
 the model's general ability.
 
 Everything but the per-layer solve is MEMIT's (targets at the last layer, keys, the
-residual spread over the layers, ``kedit.methods.memit``).  Per layer l:
+residual spread over the layers, ``kedit.methods.locate.memit``).  Per layer l:
 
 * P_l = U₀U₀ᵀ, the projector onto the eigenvectors of the keys' corpus second moment
   C_l with eigenvalue < ``nullspace_threshold`` (``core.solve.nullspace_projector``; the
@@ -35,7 +35,7 @@ import torch
 
 from kedit.methods.base import Delta, EditRequest
 from kedit.methods.core.solve import nullspace_projector, nullspace_update
-from kedit.methods.memit import MEMIT, MemitParams
+from kedit.methods.locate.memit import MEMIT, MemitParams
 from kedit.methods.registry import register
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def projector(C: torch.Tensor, stats_file: Path | None, threshold: float) -> tup
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from kedit.atomic import atomic_path
+    from kedit.util.atomic import atomic_path
 
     C = C.detach().to("cpu", torch.float64)
     if stats_file is None:

@@ -1,9 +1,9 @@
 """``kedit compare-gen``: free text before and after an edit, side by side.
 
 The edit comes from a run directory (its ``delta.safetensors`` applied to its base
-model, :mod:`kedit.patch`) or from an :class:`~kedit.runner.EditResult` made just now.
-Generation, prompt choice and rendering are :mod:`kedit.generation`'s; the per-case
-application of deltas is :func:`kedit.experiment.generations_before_after`'s.  This
+model, :mod:`kedit.runs.export`) or from an :class:`~kedit.runs.runner.EditResult` made just now.
+Generation, prompt choice and rendering are :mod:`kedit.evaluation.generation`'s; the per-case
+application of deltas is :func:`kedit.runs.experiment.generations_before_after`'s.  This
 module decides which prompts go under which deltas and writes ``compare-gen.md`` /
 ``compare-gen.jsonl``.
 
@@ -29,14 +29,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kedit.atomic import write_text
-from kedit.experiment import generations_before_after
-from kedit.generation import default_prompts, render_markdown
-from kedit.patch import PatchError, check_fingerprint, select_deltas
+from kedit.util.atomic import write_text
+from kedit.runs.experiment import generations_before_after
+from kedit.evaluation.generation import default_prompts, render_markdown
+from kedit.runs.export import PatchError, check_fingerprint, select_deltas
 
 if TYPE_CHECKING:
     from kedit.models.load import LoadedModel
-    from kedit.runner import EditResult
+    from kedit.runs.runner import EditResult
 
 STEM = "compare-gen"
 CUSTOM_KIND = "given"
@@ -76,7 +76,7 @@ def plan(result: EditResult, prompts: Sequence[str] | None = None, *, case: str 
 
     When one edited model serves every row it is returned as a sequential result whose
     steps are the chosen deltas, so :func:`generations_before_after` applies them all."""
-    from kedit.runner import EditResult
+    from kedit.runs.runner import EditResult
 
     single = prompts is not None or case is not None or all_ or result.sequential \
         or len({id(d) for d in result.deltas.values()}) == 1
@@ -134,7 +134,7 @@ def compare_run(run_dir: str | os.PathLike, *, model: LoadedModel | str | None =
                 progress=print, **options) -> tuple[list[dict], tuple[Path, Path] | None]:
     """``kedit compare-gen RUN_DIR``: the run's base model (or ``model``, checked against
     it), generations before/after, and ``compare-gen.md`` / ``.jsonl`` written into the run."""
-    from kedit.patch import load_base_model, load_run, read_run_config
+    from kedit.runs.export import load_base_model, load_run, read_run_config
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)

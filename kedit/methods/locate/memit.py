@@ -83,9 +83,9 @@ class MEMIT(Method):
             self.adapter.check_layer(layer)
         t0 = time.perf_counter()
         self.C: dict[int, torch.Tensor] = {}
-        self.stats_info: dict = {}                 # layer -> kedit.stats.StatsInfo (where C lives)
+        self.stats_info: dict = {}                 # layer -> kedit.methods.core.stats.StatsInfo (where C lives)
         if p.mom2_adjustment:
-            from kedit.stats import get_stats
+            from kedit.methods.core.stats import get_stats
 
             stats = get_stats(self.loaded, list(p.layers), corpus=p.mom2_corpus, samples=p.mom2_samples,
                               stats_dir=self.ctx.stats_dir, progress=self.ctx.progress)

@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from kedit.atomic import atomic_path
+from kedit.util.atomic import atomic_path
 
-from kedit.cases import EditCase, load_cases
-from kedit.paths import package_data
-from kedit.runner import Resume, metrics_summary, run_edits
-from kedit.runs import append_record, read_results, write_json, write_text
+from kedit.data.cases import EditCase, load_cases
+from kedit.util.paths import package_data
+from kedit.runs.runner import Resume, metrics_summary, run_edits
+from kedit.runs.rundir import append_record, read_results, write_json, write_text
 
 # name -> (file under kedit/data, layout, note shown with the numbers)
 BENCHMARKS = {

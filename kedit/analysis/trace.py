@@ -6,12 +6,12 @@ back and see how much of the answer's probability returns.
 Definitions (the numbers ``kedit trace`` writes)
 ------------------------------------------------
 Prompt ``x`` of ``T`` tokens, subject tokens ``s_first..s_last`` (found with the
-tokenizer's character offsets, :func:`kedit.tokens.char_span_to_tokens`), answer token
+tokenizer's character offsets, :func:`kedit.models.tokens.char_span_to_tokens`), answer token
 ``a``, model of ``L`` layers.  Every probability is ``P(a)`` at the last prompt position.
 
 * **answer** ``a``: with a target (``--target``, a case's ``ground_truth``) the *first
   token* of that target as it is tokenised after the prompt
-  (:func:`kedit.tokens.encode_prompt_target`; multi-token targets are traced through their
+  (:func:`kedit.models.tokens.encode_prompt_target`; multi-token targets are traced through their
   first token only, as in ROME); without one, the model's greedy prediction on the clean
   prompt.
 * **p_clean** = ``P(a | x)``.
@@ -54,11 +54,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from kedit.corpus import corpus_hash, wikitext_paragraphs
-from kedit.hooks import edit_output, record, replay_from
+from kedit.data.corpus import corpus_hash, wikitext_paragraphs
+from kedit.models.hooks import edit_output, record, replay_from
 from kedit.models.arch import ModelAdapter
 from kedit.models.load import LoadedModel
-from kedit.tokens import char_span_to_tokens, encode_prompt_target
+from kedit.models.tokens import char_span_to_tokens, encode_prompt_target
 
 __all__ = [
     "KINDS", "MEMIT_SPAN", "NOISE_TOKENS", "CasesTrace", "NoiseScale", "PromptTrace", "Restoration",
@@ -249,7 +249,7 @@ class Tracer:
 
     Speed: a restoration whose lowest restored layer is ``j`` changes nothing below block
     ``j``, so its rows start at block ``j`` from the residual stream recorded on the plain
-    corrupted run (:func:`kedit.hooks.replay_from`); blocks below are skipped.  Restorations
+    corrupted run (:func:`kedit.models.hooks.replay_from`); blocks below are skipped.  Restorations
     are sorted by that layer and cut into passes of ``per_forward`` (``batch_tokens`` tokens),
     each starting at its lowest start layer: big passes (small ones are several times slower
     per token on a CPU) that still skip most of the shared lower blocks.
@@ -461,7 +461,7 @@ class CasesTrace:
 
 def trace_cases(loaded: LoadedModel, cases: Sequence, settings: TraceSettings, noise: NoiseScale,
                 progress: Callable[[dict], None] | None = None) -> CasesTrace:
-    """IE(last subject token, l) for every case (kedit.cases.EditCase) and kind; the answer
+    """IE(last subject token, l) for every case (kedit.data.cases.EditCase) and kind; the answer
     is the case's ``ground_truth`` (first token), or the greedy prediction if it has none.
     ``progress`` receives each case's record as it finishes."""
     L = loaded.adapter.n_layers

@@ -1,7 +1,7 @@
 """EMMET (Gupta et al. 2024, "A Unified Framework for Model Editing"): batched ROME with
 equality constraints, solved in closed form.
 
-Everything but the per-layer solve is MEMIT's (``kedit.methods.memit``): targets at the
+Everything but the per-layer solve is MEMIT's (``kedit.methods.locate.memit``): targets at the
 last edited layer, keys averaged over context prefixes, the residual spread over the
 edited layers (the authors' code uses MEMIT's spreading too; their published configs
 edit one layer, EasyEdit's five).  Per layer, instead of MEMIT's least squares,
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from kedit.methods.core.solve import equality_constrained_update
-from kedit.methods.memit import MEMIT, MemitParams
+from kedit.methods.locate.memit import MEMIT, MemitParams
 from kedit.methods.registry import register
 
 

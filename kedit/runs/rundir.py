@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from kedit.atomic import write_text
+from kedit.util.atomic import write_text
 
 
 def write_json(path: Path, data: Any) -> None:

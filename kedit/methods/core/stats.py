@@ -7,7 +7,7 @@ non-pad token of a corpus; ``C`` is the uncentred second moment that ROME and ME
 Computation
 -----------
 * All requested layers are collected in ONE forward pass over the corpus; the forward
-  stops (:class:`kedit.hooks.StopForward`) as soon as the deepest requested layer's
+  stops (:class:`kedit.models.hooks.StopForward`) as soon as the deepest requested layer's
   projection receives its input (the key), so neither that projection's own matmul,
   nor the later blocks, nor the LM head ever run.
 * Texts are tokenised (each truncated to ``max_length`` and to the model's maximum
@@ -52,10 +52,10 @@ from pathlib import Path
 
 import torch
 
-from kedit.atomic import atomic_path
-from kedit.corpus import load_corpus
-from kedit.hooks import StopForward, record, run_until_stopped
-from kedit.paths import stats_dir as _stats_dir
+from kedit.util.atomic import atomic_path
+from kedit.data.corpus import load_corpus
+from kedit.models.hooks import StopForward, record, run_until_stopped
+from kedit.util.paths import stats_dir as _stats_dir
 
 __all__ = [
     "FORMAT",
@@ -259,7 +259,7 @@ def _plan_batches(lengths: Sequence[int], token_budget: int, max_batch: int) -> 
 @contextmanager
 def _stop_before(module: torch.nn.Module):
     """Raise :class:`StopForward` when ``module`` is called, after the hooks registered
-    before this one (:func:`kedit.hooks.record`'s) have seen its input."""
+    before this one (:func:`kedit.models.hooks.record`'s) have seen its input."""
 
     def hook(_mod, _args):
         raise StopForward
@@ -379,7 +379,7 @@ def get_stats(loaded, layers: Sequence[int], *, corpus: str | None = None, sampl
     """``C = E[k kᵀ]`` (float64, CPU) for each of ``layers``, from the cache or computed.
 
     ``corpus``: None for the shipped WikiText-2, else a .txt/.jsonl file
-    (:func:`kedit.corpus.load_corpus`); its first ``samples`` texts are used (all if
+    (:func:`kedit.data.corpus.load_corpus`); its first ``samples`` texts are used (all if
     None).  Layers missing from the cache (or all, with ``force``) are computed together
     in ONE pass and saved.  The result's ``.info[layer]`` says where each came from and
     how many tokens it averages over.

@@ -18,8 +18,13 @@ def stats_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("KEDIT_STATS_DIR", "stats"))
 
 
+def package_root() -> Path:
+    """The installed ``kedit`` package folder."""
+    return Path(__file__).resolve().parent.parent
+
+
 def package_data() -> Path:
-    return Path(__file__).parent / "data"
+    return package_root() / "data"
 
 
 def configs_dir() -> Path:
@@ -27,5 +32,5 @@ def configs_dir() -> Path:
     env = os.environ.get("KEDIT_CONFIGS")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parent.parent / "configs"
-    return repo if repo.is_dir() else Path(__file__).parent / "configs"
+    repo = package_root().parent / "configs"
+    return repo if repo.is_dir() else package_root() / "configs"

@@ -1,7 +1,7 @@
 """A run's ``delta.safetensors`` as a patch: read it, choose what to apply, check the base
 model, and export the edited model as a Hugging Face directory.
 
-The file (written by :func:`kedit.experiment.write_run`) holds one tensor per
+The file (written by :func:`kedit.runs.experiment.write_run`) holds one tensor per
 ``<label>/<parameter name>`` and the metadata ``mode`` (``independent`` |
 ``sequential``), ``model_fingerprint``, ``method`` and ``cases`` (JSON: label -> the
 case ids that label's delta edits).  A label is a case id (independent single-case
@@ -38,7 +38,7 @@ from kedit.methods.base import Delta
 
 if TYPE_CHECKING:
     from kedit.models.load import LoadedModel
-    from kedit.runner import EditResult
+    from kedit.runs.runner import EditResult
 
 DELTA_FILE = "delta.safetensors"
 PROVENANCE_FILE = "kedit-patch.json"
@@ -54,7 +54,7 @@ class PatchError(ValueError):
 def read_patch(run_dir: str | os.PathLike) -> tuple[dict[str, Delta], dict[str, Any]]:
     """``run_dir/delta.safetensors`` -> (deltas keyed as :attr:`EditResult.deltas`, metadata).
 
-    Keys follow :class:`kedit.runner.EditResult`: an independent run maps each case id
+    Keys follow :class:`kedit.runs.runner.EditResult`: an independent run maps each case id
     to its delta (the cases of one batch share one :class:`Delta` object), a sequential
     run maps ``batch<N>`` to step N.  The metadata dict has ``mode``, ``sequential``,
     ``model_fingerprint``, ``method`` and ``groups`` (label -> case ids, file order).
@@ -113,12 +113,12 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
 
 
 def load_run(run_dir: str | os.PathLike, model: LoadedModel | None = None, *, force: bool = False) -> EditResult:
-    """A finished run directory as an :class:`~kedit.runner.EditResult` (cases, records,
+    """A finished run directory as an :class:`~kedit.runs.runner.EditResult` (cases, records,
     metrics, deltas), optionally bound to ``model`` (fingerprint checked unless ``force``)
     so that ``result.apply()`` / ``result.applied()`` work on it."""
-    from kedit.cases import load_cases
-    from kedit.runner import EditResult
-    from kedit.runs import read_results
+    from kedit.data.cases import load_cases
+    from kedit.runs.runner import EditResult
+    from kedit.runs.rundir import read_results
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -61,7 +61,7 @@ def _encode(tokenizer: Any, texts: str | list[str], **kw: Any) -> Any:
         return tokenizer(texts, return_offsets_mapping=True, **kw)
     except NotImplementedError as exc:  # slow (python) tokenizers have no offsets
         raise TypeError(
-            "kedit.tokens needs a fast tokenizer (return_offsets_mapping support); "
+            "kedit.models.tokens needs a fast tokenizer (return_offsets_mapping support); "
             f"got {type(tokenizer).__name__}"
         ) from exc
 

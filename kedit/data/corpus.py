@@ -13,7 +13,7 @@ import json
 import re
 from pathlib import Path
 
-from kedit.paths import package_data
+from kedit.util.paths import package_data
 
 __all__ = ["CorpusError", "WIKITEXT_FILES", "corpus_hash", "load_corpus", "wikitext_paragraphs"]
 

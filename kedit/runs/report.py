@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from kedit.atomic import atomic_path, write_text
+from kedit.util.atomic import atomic_path, write_text
 
 #: Metrics shown by ``kedit runs`` (post-edit means), with their column names: the three
 #: EasyEdit accuracies and the CounterFact score (which sums up ES, PS and NS).
@@ -103,8 +103,8 @@ def _time(run_id: str, path: Path) -> _dt.datetime | None:
 
 def summarize(run_dir: str | os.PathLike) -> RunSummary:
     """Read one run directory (see the module docstring)."""
-    from kedit.runner import metrics_summary
-    from kedit.runs import read_results
+    from kedit.runs.runner import metrics_summary
+    from kedit.runs.rundir import read_results
 
     path = Path(run_dir)
     cfg_file = path / "config.yaml"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from kedit.atomic import write_text
+from kedit.util.atomic import write_text
 
 __all__ = [
     "FORMATS",
@@ -667,7 +667,7 @@ def load_cases(path: str | os.PathLike, fmt: str = "auto", *,
     the first character and the layout from the first record's keys.  All records
     are checked before anything is returned; the first bad one (in file order)
     raises :class:`CasesError`.  With ``skip_invalid=True`` bad records (and
-    duplicate ids) are logged as warnings on the ``kedit.cases`` logger and left
+    duplicate ids) are logged as warnings on the ``kedit.data.cases`` logger and left
     out instead; a file that cannot be read or parsed as a whole still raises.
     """
     return _load(path, fmt, skip_invalid)[0]

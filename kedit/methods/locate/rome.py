@@ -56,7 +56,7 @@ class ROME(Method):
         t0 = time.perf_counter()
         self.C = None
         if p.mom2_adjustment:
-            from kedit.stats import get_stats
+            from kedit.methods.core.stats import get_stats
 
             self.C = get_stats(self.loaded, [p.layer], corpus=p.mom2_corpus, samples=p.mom2_samples,
                                stats_dir=self.ctx.stats_dir, progress=self.ctx.progress)[p.layer]

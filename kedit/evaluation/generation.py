@@ -13,7 +13,7 @@ kept in the JSONL file and ignored by the renderers).
 
 Position ids: the batch is left-padded and only ``input_ids`` + ``attention_mask`` are
 given to ``model.generate``; transformers derives ``position_ids`` from the attention
-mask (``cumsum - 1``, the same as :func:`kedit.tokens.pad_batch`) for every model whose
+mask (``cumsum - 1``, the same as :func:`kedit.models.tokens.pad_batch`) for every model whose
 ``forward`` takes them, and extends them at each step.  ``tests/test_generation.py``
 checks that a padded batch gives the same greedy text as one prompt at a time for
 every tiny model family (absolute and rotary positions alike).
@@ -29,8 +29,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from kedit.atomic import write_text
-from kedit.tokens import pad_batch
+from kedit.util.atomic import write_text
+from kedit.models.tokens import pad_batch
 
 __all__ = [
     "KINDS",
@@ -132,7 +132,7 @@ def generate(
     """Continue each prompt with ``loaded.model``; return the continuations, in order.
 
     Prompts are tokenised as ``tokenizer(prompt)`` (special tokens as the tokenizer
-    adds them), left-padded with :func:`kedit.tokens.pad_batch` (the tokenizer itself
+    adds them), left-padded with :func:`kedit.models.tokens.pad_batch` (the tokenizer itself
     never pads, so its ``padding_side`` and pad token are left as they are) and run
     ``batch_size`` at a time under ``torch.inference_mode`` with the attention mask
     and an explicit ``pad_token_id``.  Generation stops at the model's EOS or after

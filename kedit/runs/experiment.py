@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from kedit.cases import EditCase, write_cases
+from kedit.data.cases import EditCase, write_cases
 from kedit.config import resolve_params
 from kedit.methods.base import Method, RunContext
 from kedit.methods.registry import get_method
 from kedit.models.load import LoadedModel
-from kedit.runner import EditResult
-from kedit.runs import RunDir, new_run_id, write_json, write_yaml
+from kedit.runs.runner import EditResult
+from kedit.runs.rundir import RunDir, new_run_id, write_json, write_yaml
 
 
 def versions() -> dict[str, str]:
@@ -81,10 +81,10 @@ def deltas_for_file(result: EditResult) -> tuple[dict[str, torch.Tensor], dict[s
 
 def write_run(out_root: str | Path, loaded: LoadedModel, method: Method, result: EditResult, config: dict,
               generations: list[dict] | None, log_lines: Sequence[str] = ()) -> Path:
-    """Write the run directory under a temporary name, then rename it (see kedit.runs)."""
+    """Write the run directory under a temporary name, then rename it (see kedit.runs.rundir)."""
     from safetensors.torch import save_file
 
-    from kedit.generation import write_generations
+    from kedit.evaluation.generation import write_generations
 
     run_id = new_run_id(method.name, loaded.name, config)
     run = RunDir(Path(out_root), run_id)
@@ -115,8 +115,8 @@ def generations_before_after(loaded: LoadedModel, result: EditResult, max_new_to
     """Continuations before and after the edit of each case's default prompts (or of
     ``prompts``, rows ``{"case_id", "kind", "prompt"}``): a row is generated under its own
     case's delta, or under every step of a sequential result.  ``options`` go to
-    :func:`kedit.generation.generate` (greedy by default)."""
-    from kedit.generation import default_prompts, generate
+    :func:`kedit.evaluation.generation.generate` (greedy by default)."""
+    from kedit.evaluation.generation import default_prompts, generate
 
     prompts = default_prompts(result.cases) if prompts is None else list(prompts)
     before = generate(loaded, [p["prompt"] for p in prompts], max_new_tokens, **options)

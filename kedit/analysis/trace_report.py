@@ -1,6 +1,6 @@
 """What ``kedit trace`` writes: heatmaps, the averaged curve, summary.md, the run directory.
 
-Run directory (staged under ``.<id>.partial``, renamed when complete, see kedit.runs)::
+Run directory (staged under ``.<id>.partial``, renamed when complete, see kedit.runs.rundir)::
 
     config.yaml          model, settings (kinds, samples, noise, window, seed), noise scale, command
     trace.json           {"prompt": PromptTrace.to_dict() | null, "cases": CasesTrace.to_dict() | null,
@@ -16,9 +16,9 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from kedit.atomic import atomic_path, write_text
-from kedit.runs import RunDir, new_run_id, write_json, write_yaml
-from kedit.trace import CasesTrace, PromptTrace
+from kedit.util.atomic import atomic_path, write_text
+from kedit.runs.rundir import RunDir, new_run_id, write_json, write_yaml
+from kedit.analysis.trace import CasesTrace, PromptTrace
 
 __all__ = ["plot_average", "plot_heatmap", "summary_markdown", "write_trace_run"]
 
