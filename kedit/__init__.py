@@ -36,6 +36,14 @@ def load_run(*args, **kwargs):
     return _load_run(*args, **kwargs)
 
 
+def load_edited(*args, **kwargs):
+    """See :func:`kedit.runs.export.load_edited`: a directory from ``kedit apply`` /
+    ``result.export`` as a model that behaves edited (memories and contexts included)."""
+    from kedit.runs.export import load_edited as _load_edited
+
+    return _load_edited(*args, **kwargs)
+
+
 def generate(*args, **kwargs):
     """See :func:`kedit.api.generate`."""
     from kedit.api import generate as _generate
@@ -50,4 +58,4 @@ def compare_gen(*args, **kwargs):
     return _compare_gen(*args, **kwargs)
 
 
-__all__ = ["__version__", "compare_gen", "edit", "generate", "load_model", "load_run"]
+__all__ = ["__version__", "compare_gen", "edit", "generate", "load_edited", "load_model", "load_run"]

@@ -27,7 +27,8 @@ from kedit.data.cases import EditCase, load_cases
 from kedit.runs.experiment import make_method
 from kedit.methods.base import RunContext
 from kedit.models.load import LoadedModel, load_model
-from kedit.runs.runner import EditResult, run_edits
+from kedit.runs.result import EditResult
+from kedit.runs.runner import run_edits
 
 
 def edit(model: LoadedModel | str, cases: Sequence[EditCase] | str | Path, method: str = "rome",

@@ -116,12 +116,13 @@ def methods():
     from kedit.methods.registry import get_method, method_names
     from kedit.util.paths import configs_dir
 
-    t = Table(title="methods")
-    for col in ("method", "description", "hparams files"):
+    t = Table(title="methods (kind: where the edit lives -- weights, adapter, memory, context)")
+    for col in ("method", "kind", "description", "hparams files"):
         t.add_column(col)
     for name in method_names():
         files = sorted(p.stem for p in (configs_dir() / "methods" / name).glob("*.yaml"))
-        t.add_row(name, get_method(name).description, ", ".join(files))
+        cls = get_method(name)
+        t.add_row(name, cls.kind, cls.description, ", ".join(files))
     console.print(t)
 
 
@@ -398,10 +399,11 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
 
 def _run_errors():
     from kedit.runs.bench import BenchError
-    from kedit.runs.export import PatchError
+    from kedit.methods.edit import EditError
     from kedit.runs.report import ReportError
+    from kedit.runs.result import PatchError
 
-    return (PatchError, ReportError, BenchError, *user_errors())
+    return (PatchError, EditError, ReportError, BenchError, *user_errors())
 
 
 @app.command("compare-gen")
@@ -471,7 +473,7 @@ def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (
 
 
 @app.command("apply")
-def apply_patch(run: Path = typer.Argument(..., help="run directory whose delta.safetensors to apply"),
+def apply_patch(run: Path = typer.Argument(..., help="run directory whose edit.safetensors to apply"),
                 out: Path = typer.Option(..., "--out", help="new directory for the edited model"),
                 model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the run's)"),
                 case: Optional[str] = typer.Option(None, "--case", help="the edit of this case (runs of several cases)"),
@@ -489,8 +491,14 @@ def apply_patch(run: Path = typer.Argument(..., help="run directory whose delta.
     except _run_errors() as e:
         fail(str(e))
     labels = ", ".join(str(d.meta.get("label")) for d in applied)
-    console.print(f"{loaded.name} + {len(applied)} delta(s) ({labels}) -> [bold]{path}[/bold]\n"
-                  f"load it with AutoModelForCausalLM.from_pretrained({str(path)!r})", highlight=False, soft_wrap=True)
+    kinds = "/".join(sorted({d.kind for d in applied}))
+    if all(d.mergeable for d in applied):
+        how = f"merged into the weights; load it with AutoModelForCausalLM.from_pretrained({str(path)!r})"
+    else:
+        how = (f"the base model + kedit-edit.safetensors; load it edited with kedit.load_edited({str(path)!r}) "
+               f"(from_pretrained gives the unedited base model)")
+    console.print(f"{loaded.name} + {len(applied)} {kinds} edit(s) ({labels}) -> [bold]{path}[/bold]\n{how}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command("runs")

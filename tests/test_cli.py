@@ -66,7 +66,7 @@ def test_edit_writes_a_complete_run_directory(tiny_dir):
     assert not run.name.startswith(".") and "-rome-tiny-llama-" in run.name
     names = {p.name for p in run.iterdir()}
     assert names == {"config.yaml", "cases.jsonl", "results.jsonl", "metrics.json", "generations.md",
-                     "generations.jsonl", "delta.safetensors", "log.txt"}
+                     "generations.jsonl", "edit.safetensors", "log.txt"}
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["n"] == 2 and set(metrics) >= {"n", "pre", "post", "stderr"}
     assert set(metrics["stderr"]) == {"pre", "post"}
@@ -78,7 +78,7 @@ def test_edit_writes_a_complete_run_directory(tiny_dir):
     records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
     assert [r["case_id"] for r in records] == ["a", "b"]
     assert {"key", "target", "update", "eval"} <= set(records[0]["time"])
-    with safe_open(str(run / "delta.safetensors"), "pt") as f:
+    with safe_open(str(run / "edit.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["a/model.layers.1.mlp.down_proj.weight", "b/model.layers.1.mlp.down_proj.weight"]
         assert f.metadata()["mode"] == "independent"
     # same seed and inputs: identical metrics

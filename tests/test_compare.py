@@ -15,7 +15,8 @@ from kedit.cli import app
 from kedit.runs.compare import compare_result, read_prompts_file
 from kedit.evaluation.generation import default_prompts, generate
 from kedit.models.load import load_model
-from kedit.runs.export import PatchError, applied, load_run
+from kedit.runs.export import PatchError, load_run
+from kedit.runs.result import applied_edits as applied
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""A run's delta.safetensors as a patch: `kedit apply` exports a Hugging Face model that gives
+"""A run's edit.safetensors as a patch: `kedit apply` exports a Hugging Face model that gives
 the run's post-edit metrics; choosing deltas; the fingerprint check; no pickle anywhere."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from kedit.cli import app
 from kedit.evaluation import evaluate_cases
 from kedit.methods.base import Delta
 from kedit.models.load import load_model
-from kedit.runs.export import PatchError, applied, load_run, read_patch, select_deltas
+from kedit.runs.export import PatchError, load_run, read_patch
+from kedit.runs.result import applied_edits as applied, select_edits as select_deltas
 from kedit.runs.rundir import read_results
 
 runner = CliRunner()
@@ -84,7 +85,7 @@ def test_apply_writes_a_model_that_gives_the_runs_post_metrics(runs):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "kedit-patch.json"} <= names
     assert not any(p.name.startswith(".") for p in out.parent.iterdir() if "exported-single" in p.name)
-    assert json.loads((out / "kedit-patch.json").read_text())["deltas"] == ["a"]
+    assert json.loads((out / "kedit-patch.json").read_text())["edits"] == ["a"]
     import os
 
     umask = os.umask(0)
@@ -101,7 +102,7 @@ def test_sequential_run_applies_every_step_in_order(runs):
     run, out = runs["seq"], runs["tmp"] / "exported-seq"
     res = runner.invoke(app, ["apply", str(run), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert json.loads((out / "kedit-patch.json").read_text())["deltas"] == ["batch0", "batch1"]
+    assert json.loads((out / "kedit-patch.json").read_text())["edits"] == ["batch0", "batch1"]
     post = post_metrics_of_export(run, runs["model"], out, ["a", "b"])
     assert post == [r["post"] for r in read_results(run / "results.jsonl")]
     bad = runner.invoke(app, ["apply", str(run), "--out", str(runs["tmp"] / "x"), "--case", "a"])
@@ -151,8 +152,8 @@ def test_bad_run_directories_are_one_line_errors(runs, tmp_path):
     assert "no config.yaml" in runner.invoke(app, ["apply", str(tmp_path), "--out", str(tmp_path / "o")]).output
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "x"}}))
     res = runner.invoke(app, ["apply", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "no delta.safetensors" in res.output
-    (tmp_path / "delta.safetensors").write_bytes(b"not a safetensors file")
+    assert res.exit_code == 2 and "no edit.safetensors" in res.output
+    (tmp_path / "edit.safetensors").write_bytes(b"not a safetensors file")
     res = runner.invoke(app, ["apply", str(tmp_path), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not a readable safetensors file" in res.output
 

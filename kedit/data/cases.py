@@ -702,3 +702,22 @@ def write_cases(cases: Iterable[EditCase], path: str | os.PathLike) -> Path:
         lines.append(json.dumps(case.to_dict(), ensure_ascii=False))
     write_text(path, "".join(line + "\n" for line in lines))
     return path
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to write: ``template`` has one ``{}`` where ``subject`` goes."""
+
+    case_id: str
+    template: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        return self.template.replace("{}", self.subject, 1)
+
+    @classmethod
+    def from_case(cls, case: EditCase) -> EditRequest:
+        return cls(case.case_id, case.template, case.subject, case.target_new, case.ground_truth)

@@ -7,12 +7,14 @@ import importlib
 
 from kedit.methods.base import Method
 
-# Modules that define methods; importing them runs their @register decorators.
-METHOD_MODULES = ("kedit.methods.locate.rome",)
-METHOD_MODULES += ("kedit.methods.locate.memit",)
-METHOD_MODULES += ("kedit.methods.locate.alphaedit",)
-METHOD_MODULES += ("kedit.methods.locate.emmet",)
-METHOD_MODULES += ("kedit.methods.finetune.ft",)
+# Modules that define methods, by kind (the folder says where the edit lives); importing
+# them runs their @register decorators.
+METHOD_MODULES = (
+    "kedit.methods.locate.rome", "kedit.methods.locate.memit",            # weights
+    "kedit.methods.locate.alphaedit", "kedit.methods.locate.emmet",
+    "kedit.methods.finetune.ft",
+)
+KINDS = ("weights", "adapter", "memory", "context")
 
 
 class Registry:
@@ -22,6 +24,8 @@ class Registry:
     def register(self, cls: type[Method]) -> type[Method]:
         if not cls.name:
             raise ValueError(f"{cls.__name__} has no name")
+        if cls.kind not in KINDS:
+            raise ValueError(f"method '{cls.name}' has kind {cls.kind!r}, not one of {', '.join(KINDS)}")
         if cls.name in self._methods and self._methods[cls.name] is not cls:
             raise ValueError(f"method '{cls.name}' is registered twice ({self._methods[cls.name].__name__}, {cls.__name__})")
         self._methods[cls.name] = cls

@@ -11,9 +11,10 @@ weights, so no case is lost or counted twice.
 
 Sequential runs (edits accumulate) keep their state on disk as they go: after each
 batch its records (post = the metrics right after that edit) are appended to the log,
-then ``checkpoint.safetensors`` is replaced atomically by the current values of every
-edited parameter plus the method's sequential state (``Method.state``), with the number
-of edits it holds.  Resume keeps the first ``edits`` records, loads the weights and the
+then ``checkpoint.safetensors`` is replaced atomically by the current state of every
+edited site (parameters, wrapped modules such as a GRACE codebook or a WISE side memory,
+a context) plus the method's sequential state (``Method.state``), with the number of
+edits it holds.  Resume keeps the first ``edits`` records, restores the sites and the
 state, and goes on; at the end every case is evaluated on the final model, the log is
 rewritten with those final metrics (``post``; ``post_immediate`` the right-after-edit
 ones), and the checkpoint is removed.  ``--checkpoint-every K`` adds a point to
@@ -34,7 +35,8 @@ from kedit.util.atomic import atomic_path
 
 from kedit.data.cases import EditCase, load_cases
 from kedit.util.paths import package_data
-from kedit.runs.runner import Resume, metrics_summary, run_edits
+from kedit.methods.edit import pack_sites, unpack_sites
+from kedit.runs.runner import Resume, SiteStates, metrics_summary, run_edits
 from kedit.runs.rundir import append_record, read_results, write_json, write_text
 
 # name -> (file under kedit/data, layout, note shown with the numbers)
@@ -79,30 +81,35 @@ CHECKPOINT = "checkpoint.safetensors"
 CURVE = "curve.jsonl"
 
 
-def save_checkpoint(run_dir: Path, edits: int, weights: dict[str, torch.Tensor],
-                    state: dict[str, torch.Tensor]) -> None:
+def save_checkpoint(run_dir: Path, edits: int, sites: SiteStates, state: dict[str, torch.Tensor]) -> None:
     """The sequential run's state after ``edits`` edits (atomic replace)."""
     from safetensors.torch import save_file
 
-    tensors = {f"weight/{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
+    tensors, listing = pack_sites(sites)
     tensors.update({f"state/{k}": v.detach().cpu().contiguous() for k, v in state.items()})
     with atomic_path(run_dir / CHECKPOINT) as tmp:
-        save_file(tensors, str(tmp), metadata={"edits": str(edits)})
+        save_file(tensors, str(tmp), metadata={"edits": str(edits), "sites": listing})
 
 
-def load_checkpoint(run_dir: Path) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+def load_checkpoint(run_dir: Path) -> tuple[int, SiteStates, dict[str, torch.Tensor]] | None:
     from safetensors import safe_open
 
     path = run_dir / CHECKPOINT
     if not path.exists():
         return None
-    weights, state = {}, {}
     with safe_open(str(path), framework="pt") as f:
-        edits = int((f.metadata() or {})["edits"])
-        for k in f.keys():
-            kind, _, name = k.partition("/")
-            (weights if kind == "weight" else state)[name] = f.get_tensor(k)
-    return edits, weights, state
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edits = int(meta["edits"])
+    state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
+    if "sites" not in meta:   # a checkpoint written before edit kinds: parameter values only
+        from kedit.methods.edit import Delta, SiteState
+
+        sites = {f"weight:{k.removeprefix('weight/')}": (Delta, SiteState({"value": v}))
+                 for k, v in tensors.items() if k.startswith("weight/")}
+    else:
+        sites = unpack_sites({k: v for k, v in tensors.items() if not k.startswith("state/")}, meta["sites"])
+    return edits, sites, state
 
 
 def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
@@ -111,22 +118,22 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
     saved = load_checkpoint(run_dir)
     resume = None
     if saved is not None:
-        edits, weights, state = saved
+        edits, sites, state = saved
         records = read_results(log)[:edits]
         if len(records) != edits:
             raise BenchError(f"{run_dir}: checkpoint holds {edits} edits but the log has {len(records)} records")
-        resume = Resume(records, weights, state)
+        resume = Resume(records, sites, state)
     curve = [p for p in read_results(curve_log) if resume and p["edits"] <= len(resume.records)]
     write_text(log, "".join(json.dumps(r) + "\n" for r in (resume.records if resume else [])))
     write_text(curve_log, "".join(json.dumps(p) + "\n" for p in curve))
 
     edits = [len(resume.records) if resume else 0]
 
-    def on_batch(recs: list[dict], weights: dict[str, torch.Tensor]) -> None:
+    def on_batch(recs: list[dict], sites: SiteStates) -> None:
         for rec in recs:
             append_record(log, rec)
         edits[0] += len(recs)
-        save_checkpoint(run_dir, edits[0], weights, method.state())
+        save_checkpoint(run_dir, edits[0], sites, method.state())
         for rec in recs:
             if progress:
                 progress(rec)

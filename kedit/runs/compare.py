@@ -1,6 +1,6 @@
 """``kedit compare-gen``: free text before and after an edit, side by side.
 
-The edit comes from a run directory (its ``delta.safetensors`` applied to its base
+The edit comes from a run directory (its ``edit.safetensors`` applied to its base
 model, :mod:`kedit.runs.export`) or from an :class:`~kedit.runs.runner.EditResult` made just now.
 Generation, prompt choice and rendering are :mod:`kedit.evaluation.generation`'s; the per-case
 application of deltas is :func:`kedit.runs.experiment.generations_before_after`'s.  This
@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 from kedit.util.atomic import write_text
 from kedit.runs.experiment import generations_before_after
 from kedit.evaluation.generation import default_prompts, render_markdown
-from kedit.runs.export import PatchError, check_fingerprint, select_deltas
+from kedit.runs.result import PatchError, check_fingerprint, select_edits
 
 if TYPE_CHECKING:
     from kedit.models.load import LoadedModel
-    from kedit.runs.runner import EditResult
+    from kedit.runs.result import EditResult
 
 STEM = "compare-gen"
 CUSTOM_KIND = "given"
@@ -76,13 +76,13 @@ def plan(result: EditResult, prompts: Sequence[str] | None = None, *, case: str 
 
     When one edited model serves every row it is returned as a sequential result whose
     steps are the chosen deltas, so :func:`generations_before_after` applies them all."""
-    from kedit.runs.runner import EditResult
+    from kedit.runs.result import EditResult
 
     single = prompts is not None or case is not None or all_ or result.sequential \
-        or len({id(d) for d in result.deltas.values()}) == 1
+        or len({id(d) for d in result.edits.values()}) == 1
     if not single:
         return result, default_prompts(result.cases)
-    chosen = select_deltas(result.deltas, result.sequential, case, all_)
+    chosen = select_edits(result.edits, result.sequential, case, all_)
     if prompts is not None:
         label = case if case is not None else ("all" if all_ or len(result.cases) != 1 else result.cases[0].case_id)
         rows = [{"case_id": label, "kind": CUSTOM_KIND, "prompt": p} for p in prompts]
@@ -140,7 +140,7 @@ def compare_run(run_dir: str | os.PathLike, *, model: LoadedModel | str | None =
     config = read_run_config(run_dir)
     result = load_run(run_dir)
     if prompts is not None or case is not None or all_:
-        select_deltas(result.deltas, result.sequential, case, all_)  # refuse a bad choice before loading
+        select_edits(result.edits, result.sequential, case, all_)  # refuse a bad choice before loading
     loaded = load_base_model(config, model, device=device, dtype=dtype, progress=progress)
     check_fingerprint(result.base_fingerprint, loaded, force=force, what=f"run {run_dir}")
     result.model = loaded

@@ -21,7 +21,8 @@ from kedit.config import resolve_params
 from kedit.methods.base import Method, RunContext
 from kedit.methods.registry import get_method
 from kedit.models.load import LoadedModel
-from kedit.runs.runner import EditResult
+from kedit.methods.edit import Edit, class_path
+from kedit.runs.result import EDIT_FILE, EditResult, applied_edits, combined, ordered_steps, unique_edits
 from kedit.runs.rundir import RunDir, new_run_id, write_json, write_yaml
 
 
@@ -60,23 +61,35 @@ def resolved_config(loaded: LoadedModel, method: Method, hparams_source: str, *,
     }
 
 
-def deltas_for_file(result: EditResult) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """One safetensors dict ``<label>/<parameter>`` -> tensor, and label -> the case ids it edits.
+def edits_for_file(result: EditResult) -> tuple[dict[str, torch.Tensor], dict[str, list[str]], dict[str, dict]]:
+    """The run's edits as one safetensors dict ``<label>/<tensor>`` -> tensor, label -> the
+    case ids it edits, and label -> ``{"class", "data", "meta"}`` (how to rebuild the edit).
 
     Independent single-case edits are labelled by case id; a batch (MEMIT) or a sequential
-    step is labelled ``batch<N>``.
+    step is labelled ``batch<N>``.  A sequential run of cumulative edits (adapters,
+    memories, contexts: each step holds the whole state of its sites) keeps only its last
+    step, which alone gives the final model.
     """
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, list[str]] = {}
-    for delta in {id(d): d for d in result.deltas.values()}.values():
-        ids = [c for c, d in result.deltas.items() if d is delta]
-        label = ids[0] if len(ids) == 1 and not result.sequential else f"batch{len(groups)}"
-        if result.sequential:
-            label, ids = ids[0], [r["case_id"] for r in result.records if f"batch{r['batch']}" == ids[0]]
+    specs: dict[str, dict] = {}
+    items: list[tuple[str, list[str], Edit]] = []
+    if result.sequential:
+        steps = sorted(result.edits.items(), key=lambda kv: int(kv[0].removeprefix("batch")))
+        if steps and all(e.cumulative for _, e in steps) and combined([e for _, e in steps]) is steps[-1][1]:
+            steps = steps[-1:]
+        for label, edit in steps:
+            items.append((label, [r["case_id"] for r in result.records if f"batch{r['batch']}" == label], edit))
+    else:
+        for edit in unique_edits(result.edits):
+            ids = [c for c, e in result.edits.items() if e is edit]
+            items.append((ids[0] if len(ids) == 1 else f"batch{len(items)}", ids, edit))
+    for label, ids, edit in items:
         groups[label] = ids
-        for name, t in delta.tensors.items():
+        specs[label] = {"class": class_path(type(edit)), "data": edit.to_json(), "meta": edit.meta}
+        for name, t in edit.to_tensors().items():
             tensors[f"{label}/{name}"] = t
-    return tensors, groups
+    return tensors, groups, specs
 
 
 def write_run(out_root: str | Path, loaded: LoadedModel, method: Method, result: EditResult, config: dict,
@@ -96,11 +109,12 @@ def write_run(out_root: str | Path, loaded: LoadedModel, method: Method, result:
         for rec in result.records:
             run.append_result(rec)
         write_json(run.path / "metrics.json", result.metrics)
-        tensors, groups = deltas_for_file(result)
+        tensors, groups, specs = edits_for_file(result)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"mode": "sequential" if result.sequential else "independent",
-                "model_fingerprint": loaded.fingerprint, "method": method.name, "cases": json.dumps(groups)}
-        save_file(tensors, str(run.path / "delta.safetensors"), metadata=meta)
+                "model_fingerprint": loaded.fingerprint, "method": method.name, "kind": result.kind,
+                "cases": json.dumps(groups), "edits": json.dumps(specs, default=str)}
+        save_file(tensors, str(run.path / EDIT_FILE), metadata=meta)
         if generations is not None:
             write_generations(generations, run.path)
         run.log(f"timings: {result.timings}")
@@ -114,7 +128,7 @@ def generations_before_after(loaded: LoadedModel, result: EditResult, max_new_to
                              prompts: list[dict] | None = None, **options) -> list[dict]:
     """Continuations before and after the edit of each case's default prompts (or of
     ``prompts``, rows ``{"case_id", "kind", "prompt"}``): a row is generated under its own
-    case's delta, or under every step of a sequential result.  ``options`` go to
+    case's edit, or under every step of a sequential result.  ``options`` go to
     :func:`kedit.evaluation.generation.generate` (greedy by default)."""
     from kedit.evaluation.generation import default_prompts, generate
 
@@ -122,24 +136,17 @@ def generations_before_after(loaded: LoadedModel, result: EditResult, max_new_to
     before = generate(loaded, [p["prompt"] for p in prompts], max_new_tokens, **options)
     after: list[str] = [""] * len(prompts)
     if result.sequential:
-        applied = [d for _, d in sorted(result.deltas.items(), key=lambda kv: int(kv[0].removeprefix("batch")))]
-        groups = [(applied, list(range(len(prompts))))]
+        groups = [(ordered_steps(result.edits), list(range(len(prompts))))]
     else:
         groups = []
-        for delta in {id(d): d for d in result.deltas.values()}.values():
-            ids = {c for c, d in result.deltas.items() if d is delta}
-            groups.append(([delta], [i for i, p in enumerate(prompts) if p["case_id"] in ids]))
-    for deltas, idx in groups:
+        for edit in unique_edits(result.edits):
+            ids = {c for c, e in result.edits.items() if e is edit}
+            groups.append(([edit], [i for i, p in enumerate(prompts) if p["case_id"] in ids]))
+    for edits, idx in groups:
         if not idx:
             continue
-        done = []
-        try:
-            for d in deltas:
-                done.append(d.apply(loaded.model))
+        with applied_edits(loaded.model, edits):
             texts = generate(loaded, [prompts[i]["prompt"] for i in idx], max_new_tokens, **options)
-        finally:
-            for d in reversed(done):
-                d.revert(loaded.model)
         for i, t in zip(idx, texts):
             after[i] = t
     return [{**p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)]

@@ -1,20 +1,19 @@
-"""A run's ``delta.safetensors`` as a patch: read it, choose what to apply, check the base
-model, and export the edited model as a Hugging Face directory.
+"""A run's edits as a patch: read them, check the base model, export the edited model.
 
-The file (written by :func:`kedit.runs.experiment.write_run`) holds one tensor per
-``<label>/<parameter name>`` and the metadata ``mode`` (``independent`` |
-``sequential``), ``model_fingerprint``, ``method`` and ``cases`` (JSON: label -> the
-case ids that label's delta edits).  A label is a case id (independent single-case
-edits) or ``batch<N>`` (a batch of a batch method, or step N of a sequential run).
+The file ``edit.safetensors`` (written by :func:`kedit.runs.experiment.write_run`; runs
+written before edit kinds have ``delta.safetensors``, weight deltas only) holds one tensor
+per ``<label>/<tensor name>`` and the metadata ``mode`` (``independent`` |
+``sequential``), ``model_fingerprint``, ``method``, ``cases`` (JSON: label -> the case ids
+that label's edit edits) and ``edits`` (JSON: label -> the edit's class, data and meta).
+A label is a case id (independent single-case edits) or ``batch<N>`` (a batch of a batch
+method, or step N of a sequential run).  Which edits a choice means:
+:func:`kedit.runs.result.select_edits`.
 
-Which delta(s) a patch puts into a model (:func:`select_deltas`):
-
-* one delta in the run: that one;
-* a sequential run: every step, in order (``--case`` is refused: the steps build on
-  each other, and only the state after the last one was evaluated);
-* several independent edits: the one of ``case`` (the batch that contains it), or with
-  ``all_`` every one of them added up -- a model no run evaluated (independent edits are
-  measured from the original weights one at a time); without either, an error.
+Export (:func:`export_model`): edits that merge into the weights (weight deltas, LoRA
+adapters) give a plain Hugging Face model directory.  The others (GRACE, WISE, IKE) give
+the base model's directory plus ``kedit-edit.safetensors``: :func:`load_edited` reads
+such a directory back as a model that behaves edited; plain ``from_pretrained`` on it
+gives the unedited base model.
 
 Loading is safetensors only (never pickle).  Applying to a model whose fingerprint is
 not the run's base model is refused unless forced.
@@ -22,49 +21,38 @@ not the run's base model is refused unless forced.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kedit.methods.base import Delta
+from kedit.methods.edit import Delta, Edit, EditError, class_path, import_class
+from kedit.runs.result import (DELTA_FILE, EDIT_FILE, EditResult, PatchError, applied_edits, check_fingerprint,
+                               select_edits)
 
 if TYPE_CHECKING:
     from kedit.models.load import LoadedModel
-    from kedit.runs.runner import EditResult
 
-DELTA_FILE = "delta.safetensors"
 PROVENANCE_FILE = "kedit-patch.json"
+EDITED_FILE = "kedit-edit.safetensors"
 
-
-class PatchError(ValueError):
-    """A patch that cannot be read, chosen or applied as asked (one-line message)."""
+__all__ = ["PatchError", "check_fingerprint", "export_model", "export_run", "load_edited", "load_run",
+           "read_patch", "select_edits"]
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def read_patch(run_dir: str | os.PathLike) -> tuple[dict[str, Delta], dict[str, Any]]:
-    """``run_dir/delta.safetensors`` -> (deltas keyed as :attr:`EditResult.deltas`, metadata).
-
-    Keys follow :class:`kedit.runs.runner.EditResult`: an independent run maps each case id
-    to its delta (the cases of one batch share one :class:`Delta` object), a sequential
-    run maps ``batch<N>`` to step N.  The metadata dict has ``mode``, ``sequential``,
-    ``model_fingerprint``, ``method`` and ``groups`` (label -> case ids, file order).
-    """
+def _read_edit_file(path: Path) -> tuple[dict[str, list[str]], dict[str, Edit], dict[str, str]]:
+    """``edit.safetensors`` / ``delta.safetensors`` -> (label -> case ids, label -> edit, metadata)."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(run_dir) / DELTA_FILE
-    if not path.is_file():
-        raise PatchError(f"{run_dir}: no {DELTA_FILE} (bench runs keep no weights; "
-                         f"'kedit edit' runs do)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
@@ -73,31 +61,65 @@ def read_patch(run_dir: str | os.PathLike) -> tuple[dict[str, Delta], dict[str, 
         raise PatchError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
     try:
         groups: dict[str, list[str]] = json.loads(meta.get("cases", "{}"))
+        specs: dict[str, dict] = json.loads(meta.get("edits", "{}"))
     except ValueError:
-        raise PatchError(f"{path}: metadata field 'cases' is not JSON") from None
+        raise PatchError(f"{path}: metadata field 'cases' or 'edits' is not JSON") from None
+    by_label: dict[str, dict[str, torch.Tensor]] = {label: {} for label in groups}
+    for key, t in tensors.items():
+        label, sep, name = key.partition("/")
+        if not sep or label not in by_label:
+            # labels are case ids or batch<N>; a case id may hold "/", so try the longest label
+            label = next((lb for lb in sorted(by_label, key=len, reverse=True) if key.startswith(lb + "/")), None)
+            if label is None:
+                raise PatchError(f"{path}: tensor '{key}' is not '<label>/<name>' with a label in the metadata")
+            name = key[len(label) + 1:]
+        by_label[label][name] = t
+    edits: dict[str, Edit] = {}
+    for label, ids in groups.items():
+        spec = specs.get(label)
+        base_meta = {"label": label, "cases": list(ids)}
+        if spec is None:
+            edits[label] = Delta(by_label[label], base_meta)
+            continue
+        try:
+            cls = import_class(spec["class"])
+            edits[label] = cls.from_saved(by_label[label], spec.get("data", {}), {**spec.get("meta", {}), **base_meta})
+        except (EditError, KeyError, TypeError) as e:
+            raise PatchError(f"{path}: edit '{label}' cannot be read ({e})") from None
+    return groups, edits, meta
+
+
+def read_patch(run_dir: str | os.PathLike) -> tuple[dict[str, Edit], dict[str, Any]]:
+    """A run's edit file -> (edits keyed as :attr:`EditResult.edits`, metadata).
+
+    Keys follow :class:`kedit.runs.result.EditResult`: an independent run maps each case id
+    to its edit (the cases of one batch share one object), a sequential run maps
+    ``batch<N>`` to step N.  The metadata dict has ``mode``, ``sequential``,
+    ``model_fingerprint``, ``method`` and ``groups`` (label -> case ids, file order).
+    """
+    path = Path(run_dir) / EDIT_FILE
+    if not path.is_file():
+        path = Path(run_dir) / DELTA_FILE
+    if not path.is_file():
+        raise PatchError(f"{run_dir}: no {EDIT_FILE} (bench runs keep no edits; 'kedit edit' runs do)")
+    groups, by_label, meta = _read_edit_file(path)
     mode = meta.get("mode", "independent")
     if mode not in ("independent", "sequential"):
         raise PatchError(f"{path}: metadata field 'mode': expected independent or sequential, got {mode!r}")
-    by_label: dict[str, dict[str, torch.Tensor]] = {label: {} for label in groups}
-    for key, t in tensors.items():
-        label, sep, name = key.rpartition("/")
-        if not sep or label not in by_label:
-            raise PatchError(f"{path}: tensor '{key}' is not '<label>/<parameter>' with a label in the metadata")
-        by_label[label][name] = t
     sequential = mode == "sequential"
-    deltas: dict[str, Delta] = {}
+    edits: dict[str, Edit] = {}
     for label, ids in groups.items():
-        delta = Delta(by_label[label], {"label": label, "cases": list(ids)})
+        edit = by_label[label]
         if sequential:
             if not label.startswith("batch") or not label.removeprefix("batch").isdigit():
                 raise PatchError(f"{path}: sequential run with label '{label}' (expected batch<N>)")
-            deltas[label] = delta
+            edits[label] = edit
         else:
             for case_id in ids:
-                deltas[case_id] = delta
+                edits[case_id] = edit
     info = {"mode": mode, "sequential": sequential, "model_fingerprint": meta.get("model_fingerprint", ""),
             "method": meta.get("method", ""), "groups": groups}
-    return deltas, info
+    return edits, info
 
 
 def read_run_config(run_dir: str | os.PathLike) -> dict:
@@ -113,111 +135,27 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
 
 
 def load_run(run_dir: str | os.PathLike, model: LoadedModel | None = None, *, force: bool = False) -> EditResult:
-    """A finished run directory as an :class:`~kedit.runs.runner.EditResult` (cases, records,
-    metrics, deltas), optionally bound to ``model`` (fingerprint checked unless ``force``)
+    """A finished run directory as an :class:`~kedit.runs.result.EditResult` (cases, records,
+    metrics, edits), optionally bound to ``model`` (fingerprint checked unless ``force``)
     so that ``result.apply()`` / ``result.applied()`` work on it."""
     from kedit.data.cases import load_cases
-    from kedit.runs.runner import EditResult
     from kedit.runs.rundir import read_results
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PatchError(f"{run_dir}: no such run directory")
     config = read_run_config(run_dir)
-    deltas, info = read_patch(run_dir)
+    edits, info = read_patch(run_dir)
     cases = load_cases(run_dir / "cases.jsonl", "kedit") if (run_dir / "cases.jsonl").exists() else []
     metrics_file = run_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    result = EditResult(cases, read_results(run_dir / "results.jsonl"), metrics, deltas, info["sequential"])
+    result = EditResult(cases, read_results(run_dir / "results.jsonl"), metrics, edits, info["sequential"])
     result.base_fingerprint = info["model_fingerprint"] or (config.get("model") or {}).get("fingerprint", "")
     result.run_dir = run_dir
     if model is not None:
         check_fingerprint(result.base_fingerprint, model, force=force, what=str(run_dir))
         result.model = model
     return result
-
-
-# --------------------------------------------------------------------------- choosing
-
-
-def select_deltas(deltas: dict[str, Delta], sequential: bool, case: str | None = None,
-                  all_: bool = False) -> list[Delta]:
-    """The deltas to apply, in order (see the module docstring for the rules)."""
-    if not deltas:
-        raise PatchError("the run has no weight change to apply")
-    if case is not None and all_:
-        raise PatchError("choose one case (--case) or all edits (--all), not both")
-    if sequential:
-        if case is not None:
-            raise PatchError("a sequential run's edits build on each other and were evaluated together: "
-                             "apply all of them (leave out --case)")
-        return [d for _, d in sorted(deltas.items(), key=lambda kv: int(kv[0].removeprefix("batch")))]
-    unique = list({id(d): d for d in deltas.values()}.values())
-    if case is not None:
-        if case not in deltas:
-            shown = ", ".join(list(deltas)[:5]) + (", ..." if len(deltas) > 5 else "")
-            raise PatchError(f"no case '{case}' in this run (cases: {shown})")
-        return [deltas[case]]
-    if len(unique) == 1 or all_:
-        return unique
-    first = next(iter(deltas))
-    raise PatchError(f"the run holds {len(unique)} independent edits: choose one case (--case ID, e.g. "
-                     f"--case {first}) or --all for their sum (a model that no run evaluated)")
-
-
-def check_fingerprint(expected: str, loaded: LoadedModel, *, force: bool = False, what: str = "the patch") -> None:
-    """Refuse a model that is not the run's base model (unless ``force``)."""
-    if force or not expected or expected == loaded.fingerprint:
-        return
-    raise PatchError(f"{what} was made on the model with fingerprint {expected}; '{loaded.name}' has "
-                     f"{loaded.fingerprint} (a different model or different weights); use --force "
-                     f"(force=True) to apply it anyway")
-
-
-def check_shapes(module: torch.nn.Module, deltas: Sequence[Delta]) -> None:
-    """Every parameter the deltas name exists in ``module`` with the same shape."""
-    params = dict(module.named_parameters())
-    for d in deltas:
-        for name, t in d.tensors.items():
-            if name not in params:
-                raise PatchError(f"the patch changes '{name}', which this model does not have")
-            if tuple(params[name].shape) != tuple(t.shape):
-                raise PatchError(f"the patch changes '{name}' with shape {tuple(t.shape)}; this model's is "
-                                 f"{tuple(params[name].shape)}")
-
-
-def apply_deltas(module: torch.nn.Module, deltas: Sequence[Delta]) -> list[Delta]:
-    """Apply ``deltas`` to ``module`` in order; returns the applied copies for :func:`revert_deltas`.
-
-    Each delta is applied through a private :class:`Delta` (the caller's objects keep
-    their own state).  If one fails, those already applied are reverted first.
-    """
-    check_shapes(module, deltas)
-    done: list[Delta] = []
-    try:
-        for d in deltas:
-            done.append(Delta(d.tensors, d.meta).apply(module))
-    except BaseException:
-        revert_deltas(module, done)
-        raise
-    return done
-
-
-def revert_deltas(module: torch.nn.Module, done: Sequence[Delta]) -> None:
-    """Undo :func:`apply_deltas` bit-identically: reverse order, so a parameter that several
-    deltas change gets back the copy taken before the first one."""
-    for d in reversed(done):
-        d.revert(module)
-
-
-@contextlib.contextmanager
-def applied(module: torch.nn.Module, deltas: Sequence[Delta]) -> Iterator[None]:
-    """The block runs with ``deltas`` applied; the weights are restored after it."""
-    done = apply_deltas(module, deltas)
-    try:
-        yield
-    finally:
-        revert_deltas(module, done)
 
 
 # --------------------------------------------------------------------------- exporting
@@ -259,26 +197,76 @@ def check_out_dir(out: Path) -> None:
         raise PatchError(f"--out {out}: already exists and is not empty (choose a new directory)")
 
 
-def export_model(loaded: LoadedModel, deltas: Sequence[Delta], out_dir: str | os.PathLike,
+def _save_edit_chain(edits: Sequence[Edit], path: Path) -> None:
+    """The edits, in order, as one safetensors file ``step<i>/<tensor>`` + their classes."""
+    from safetensors.torch import save_file
+
+    tensors, specs = {}, []
+    for i, e in enumerate(edits):
+        specs.append({"class": class_path(type(e)), "data": e.to_json(), "meta": e.meta})
+        tensors.update({f"step{i}/{k}": v.detach().cpu().contiguous() for k, v in e.to_tensors().items()})
+    save_file(tensors, str(path), metadata={"steps": json.dumps(specs, default=str)})
+
+
+def _load_edit_chain(path: Path) -> list[Edit]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        specs = json.loads(meta["steps"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise PatchError(f"{path}: not a kedit edit file ({e})") from None
+    out = []
+    for i, spec in enumerate(specs):
+        own = {k[len(f"step{i}/"):]: v for k, v in tensors.items() if k.startswith(f"step{i}/")}
+        try:
+            out.append(import_class(spec["class"]).from_saved(own, spec.get("data", {}), spec.get("meta", {})))
+        except (EditError, KeyError, TypeError) as e:
+            raise PatchError(f"{path}: step {i} cannot be read ({e})") from None
+    return out
+
+
+def export_model(loaded: LoadedModel, edits: Sequence[Edit], out_dir: str | os.PathLike,
                  provenance: dict | None = None) -> Path:
-    """Write ``loaded`` with ``deltas`` applied as a Hugging Face model directory.
+    """Write ``loaded`` with ``edits`` as a Hugging Face model directory.
+
+    Mergeable edits (weight deltas, LoRA adapters) are merged into the weights: the
+    directory is a plain model (``from_pretrained`` gives the edited model).  Otherwise
+    (GRACE, WISE, IKE) the directory holds the unedited base model plus
+    ``kedit-edit.safetensors`` (the edits, in order): :func:`load_edited` gives the edited
+    model; plain ``from_pretrained`` gives the base model.
 
     ``save_pretrained`` (safetensors weights, config, generation config) and the
     tokenizer's ``save_pretrained`` go to a temporary directory beside ``out_dir``,
     with ``kedit-patch.json`` (where the weights came from); it is renamed to
     ``out_dir`` when complete.  An existing non-empty ``out_dir`` is refused.  The
-    model's weights are restored bit-identically afterwards.
+    model is restored bit-identically afterwards.
     """
     out = Path(out_dir)
     check_out_dir(out)
+    mergeable = all(e.mergeable for e in edits)
+    if mergeable:
+        try:
+            to_apply: list[Edit] = [e.merged(loaded.model) for e in edits]
+        except EditError as e:
+            raise PatchError(str(e)) from None
+    else:
+        to_apply = []
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
-        with applied(loaded.model, deltas):
+        with applied_edits(loaded.model, to_apply):
             savable_model(loaded.model).save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
+        if not mergeable:
+            _save_edit_chain(edits, tmp / EDITED_FILE)
         info = {"base_model": loaded.name, "base_fingerprint": loaded.fingerprint,
-                "deltas": [d.meta.get("label", "") for d in deltas], **(provenance or {})}
+                "edits": [e.meta.get("label", "") for e in edits], "kinds": sorted({e.kind for e in edits}),
+                "merged": mergeable,
+                "load_with": "transformers from_pretrained" if mergeable else "kedit.load_edited(DIR)",
+                **(provenance or {})}
         (tmp / PROVENANCE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         umask = os.umask(0)
         os.umask(umask)
@@ -292,6 +280,27 @@ def export_model(loaded: LoadedModel, deltas: Sequence[Delta], out_dir: str | os
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def load_edited(path: str | os.PathLike, *, device: str = "cpu", dtype: str | None = None,
+                progress=None) -> LoadedModel:
+    """A directory written by :func:`export_model` as a loaded model that behaves edited: the
+    model, plus the edits of ``kedit-edit.safetensors`` applied in order (memories,
+    contexts) when the directory has one.  A merged export needs nothing more."""
+    from kedit.models.load import load_model
+
+    path = Path(path)
+    if not path.is_dir():
+        raise PatchError(f"{path}: no such model directory")
+    chain = _load_edit_chain(path / EDITED_FILE) if (path / EDITED_FILE).exists() else []
+    loaded = load_model(str(path), device=device, dtype=dtype, progress=progress or (lambda *_: None))
+    for e in chain:
+        try:
+            e.apply(loaded.model)
+        except EditError as err:
+            raise PatchError(f"{path}: {err}") from None
+        e.forget_originals()
+    return loaded
 
 
 def base_model_spec(config: dict) -> str:
@@ -326,15 +335,15 @@ def load_base_model(config: dict, model: LoadedModel | str | None = None, *, dev
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model: LoadedModel | str | None = None,
                case: str | None = None, all_: bool = False, force: bool = False, device: str = "cpu",
-               dtype: str | None = None, progress=print) -> tuple[Path, list[Delta], LoadedModel]:
-    """``kedit apply``: the run's base model (or ``model``) + the chosen deltas -> ``out_dir``.
+               dtype: str | None = None, progress=print) -> tuple[Path, list[Edit], LoadedModel]:
+    """``kedit apply``: the run's base model (or ``model``) + the chosen edits -> ``out_dir``.
 
-    Everything that can be refused (the choice of deltas, an existing ``out_dir``) is
-    checked before the model is loaded.  Returns (the directory, the deltas applied, the model)."""
+    Everything that can be refused (the choice of edits, an existing ``out_dir``) is
+    checked before the model is loaded.  Returns (the directory, the edits applied, the model)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    deltas, info = read_patch(run_dir)
-    chosen = select_deltas(deltas, info["sequential"], case, all_)
+    edits, info = read_patch(run_dir)
+    chosen = select_edits(edits, info["sequential"], case, all_)
     out = Path(out_dir)
     check_out_dir(out)
     loaded = load_base_model(config, model, device=device, dtype=dtype, progress=progress)

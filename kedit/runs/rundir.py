@@ -8,7 +8,7 @@ Layout of ``runs/<id>/`` (the schema other tools may rely on)::
     results.jsonl      one line per case: {"case_id", "pre": {...}, "post": {...}, "time": {...}, ...}
     metrics.json       {"n", "pre": {name: mean}, "post": {...}, "stderr": {"pre", "post"}, "count": ...}
     generations.md / generations.jsonl   before/after greedy continuations
-    delta.safetensors  the weight change (see runner: per case or one for the whole run)
+    edit.safetensors  the weight change (see runner: per case or one for the whole run)
     log.txt            what happened, with times
 
 ``kedit edit`` builds the directory under a hidden temporary name and renames it when

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kedit.models.hooks import record, run_until_stopped
-from kedit.methods.base import EditRequest
+from kedit.data.cases import EditRequest
 from kedit.methods.core.templates import fill
 from kedit.models.tokens import encode_prompt_target, pad_batch, subject_token_indices
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from kedit.models.hooks import edit_output, record, replay_from, run_until_stopped
-from kedit.methods.base import EditRequest
+from kedit.data.cases import EditRequest
 from kedit.methods.core.keys import Row, _chunks, batch_tensors, pad_id, target_rows
 
 
