@@ -57,16 +57,25 @@ def class_path(cls: type) -> str:
 
 
 def import_class(path: str) -> type:
-    """The class a saved edit names; only kedit's own classes are imported."""
+    """The edit or wrapper class a saved file names.  kedit's own modules are imported; any
+    other module must already be imported (a file never makes kedit import code), and the
+    class must be an :class:`Edit` or :class:`EditWrapper`."""
+    import sys
+
     module, _, name = path.partition(":")
-    if not (module == "kedit" or module.startswith("kedit.")) or not name:
-        raise EditError(f"refusing to load class '{path}' (only kedit's own edit classes are read)")
+    if not module or not name:
+        raise EditError(f"'{path}' is not a class path (module:Class)")
+    own = module == "kedit" or module.startswith("kedit.")
+    if not own and module not in sys.modules:
+        raise EditError(f"refusing to import '{module}' for class '{path}' (only kedit's own classes are imported)")
     try:
-        obj: Any = importlib.import_module(module)
+        obj: Any = importlib.import_module(module) if own else sys.modules[module]
         for part in name.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError):
         raise EditError(f"unknown edit class '{path}'") from None
+    if not (isinstance(obj, type) and issubclass(obj, (Edit, EditWrapper))):
+        raise EditError(f"'{path}' is not an edit or wrapper class")
     return obj
 
 

@@ -13,6 +13,9 @@ METHOD_MODULES = (
     "kedit.methods.locate.rome", "kedit.methods.locate.memit",            # weights
     "kedit.methods.locate.alphaedit", "kedit.methods.locate.emmet",
     "kedit.methods.finetune.ft",
+    "kedit.methods.finetune.lora",                                        # adapter
+    "kedit.methods.memory.grace", "kedit.methods.memory.wise",            # memory
+    "kedit.methods.context.ike",                                          # context
 )
 KINDS = ("weights", "adapter", "memory", "context")
 

@@ -282,7 +282,7 @@ def export_model(loaded: LoadedModel, edits: Sequence[Edit], out_dir: str | os.P
     return out
 
 
-def load_edited(path: str | os.PathLike, *, device: str = "cpu", dtype: str | None = None,
+def load_edited(path: str | os.PathLike, *, device: str = "cpu", dtype: str = "float32",
                 progress=None) -> LoadedModel:
     """A directory written by :func:`export_model` as a loaded model that behaves edited: the
     model, plus the edits of ``kedit-edit.safetensors`` applied in order (memories,

@@ -1,0 +1,1 @@
+"""ike: being written."""

@@ -1,0 +1,1 @@
+"""grace: being written."""

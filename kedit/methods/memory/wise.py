@@ -1,0 +1,1 @@
+"""wise: being written."""
