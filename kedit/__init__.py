@@ -12,7 +12,7 @@ Python API (the CLI is a thin layer over it; see :mod:`kedit.api`)::
 Nothing heavy is imported until a function is called.
 """
 
-__version__ = "0.1.0"
+from kedit.util.version import __version__
 
 
 def load_model(*args, **kwargs):

@@ -29,7 +29,7 @@ from kedit.runs.rundir import RunDir, new_run_id, write_json, write_yaml
 def versions() -> dict[str, str]:
     import transformers
 
-    from kedit import __version__
+    from kedit.util.version import __version__
 
     return {"kedit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
