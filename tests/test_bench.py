@@ -120,6 +120,11 @@ def test_sequential_bench_resumes_from_its_checkpoint_with_the_same_numbers(tiny
     (clean,) = list((tmp / "clean").iterdir())
     want = science(json.loads((clean / "metrics.json").read_text()))
     assert [p["edits"] for p in want["curve"]] == [2, 4, 5]
+    # scored after the last edit (post) and right after each edit (post_immediate), both kept
+    assert want["post_immediate"].keys() == want["post"].keys()
+    recs = read_results(clean / "results.jsonl")
+    assert want["post_immediate"]["rewrite_acc"] == pytest.approx(
+        sum(r["post_immediate"]["rewrite_acc"] for r in recs) / len(recs))
     assert not (clean / "checkpoint.safetensors").exists()
 
     real = ctrl_c_at_edit(monkeypatch, 4)

@@ -26,12 +26,22 @@ SiteStates = dict[str, tuple[type[Edit], SiteState]]
 
 
 def metrics_summary(records: Sequence[dict]) -> dict:
-    """metrics.json content: means, standard errors and counts, pre and post."""
+    """metrics.json content: means, standard errors and counts, pre and post.
+
+    Sequential runs score every case after the last edit (``post``, the lifelong-editing
+    papers' protocol) and keep each case's scores right after its own edit in the
+    records; their aggregate is ``post_immediate`` here."""
     pre = aggregate([r["pre"] for r in records])
     post = aggregate([r["post"] for r in records])
-    return {"n": len(records), "pre": pre["mean"], "post": post["mean"],
-            "stderr": {"pre": pre["stderr"], "post": post["stderr"]},
-            "count": {"pre": pre["count"], "post": post["count"]}}
+    out = {"n": len(records), "pre": pre["mean"], "post": post["mean"],
+           "stderr": {"pre": pre["stderr"], "post": post["stderr"]},
+           "count": {"pre": pre["count"], "post": post["count"]}}
+    if records and all("post_immediate" in r for r in records):
+        imm = aggregate([r["post_immediate"] for r in records])
+        out["post_immediate"] = imm["mean"]
+        out["stderr"]["post_immediate"] = imm["stderr"]
+        out["count"]["post_immediate"] = imm["count"]
+    return out
 
 
 def batches(n: int, size: int) -> list[range]:
