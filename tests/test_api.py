@@ -19,7 +19,7 @@ from tiny import save_tiny_model_dir, tiny_model
 import kedit
 from kedit.data.cases import case_from_dict
 from kedit.evaluation import evaluate_cases
-from kedit.methods.base import Delta
+from kedit.methods.base import Delta, Edit
 from kedit.runs.export import PatchError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,14 +62,15 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     inputs = fresh.tokenizer(ns["prompt"], return_tensors="pt")
     assert not torch.allclose(ns["edited_logits"], fresh.model(**inputs).logits)
 
-    saved = Delta.load("messi-delta.safetensors")
-    assert saved.tensors.keys() == result.delta.tensors.keys()
+    saved = Edit.load("messi-edit.safetensors")
+    assert isinstance(saved, Delta) and saved.tensors.keys() == result.delta.tensors.keys()
     assert all(torch.equal(saved.tensors[k], result.delta.tensors[k]) for k in saved.tensors)
     exported = kedit.load_model("messi-model", device="cpu")
     name = next(iter(saved.tensors))
     assert torch.equal(dict(exported.model.named_parameters())[name],
                        dict(fresh.model.named_parameters())[name] + saved.tensors[name])
     assert json.loads(Path("messi-model/kedit-patch.json").read_text())["base_fingerprint"] == fresh.fingerprint
+    assert torch.equal(dict(ns["edited"].model.named_parameters())[name], dict(exported.model.named_parameters())[name])
 
 
 @pytest.fixture(scope="module")
