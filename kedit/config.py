@@ -204,6 +204,24 @@ def load_params(cls: type, path: str | Path, adapter: Any = None, overrides: dic
     return build_params(cls, {**data, **(overrides or {})}, source)
 
 
+#: Params fields that name layers of the model (an int, or a list of ints).
+LAYER_FIELDS = ("layer", "layers")
+
+
+def check_layers(params: Any, adapter: Any, source: str, overridden: set[str] = frozenset()) -> None:
+    """Every layer a Params names exists in the model: one ConfigError naming the key."""
+    n = adapter.n_layers
+    for name in LAYER_FIELDS:
+        value = getattr(params, name, None)
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in values if isinstance(v, int) and not 0 <= v < n]
+        if bad:
+            where = "--set" if name in overridden else source
+            raise ConfigError(f"{where}: '{name}': layer {bad[0]} out of range, the model has {n} layers (0..{n - 1})")
+
+
 def default_hparams_file(method: str, model_name: str, family: str) -> Path | None:
     """``configs/methods/<method>/<model name>.yaml``, else ``<family>.yaml``."""
     base = configs_dir() / "methods" / method

@@ -119,3 +119,16 @@ def test_overrides_are_validated_too():
 def test_unknown_method_suggests_a_name():
     with pytest.raises(KeyError, match="did you mean 'rome'"):
         get_method("rom")
+
+
+def test_a_layer_the_model_does_not_have_is_one_config_error():
+    from kedit.runs.experiment import make_method
+
+    loaded = tiny_model("llama")
+    n = loaded.adapter.n_layers
+    with pytest.raises(ConfigError, match=rf"--set: 'layer': layer 99 out of range, the model has {n} layers"):
+        make_method(loaded, "rome", overrides={"layer": 99})
+    with pytest.raises(ConfigError, match=rf"'layers': layer {n} out of range"):
+        make_method(loaded, "memit", overrides={"layers": [n - 1, n]})
+    method, _ = make_method(loaded, "rome", overrides={"layer": n - 1})
+    assert method.params.layer == n - 1

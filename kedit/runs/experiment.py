@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kedit.data.cases import EditCase, write_cases
-from kedit.config import resolve_params
+from kedit.config import check_layers, resolve_params
 from kedit.methods.base import Method, RunContext
 from kedit.methods.registry import get_method
 from kedit.models.load import LoadedModel
@@ -39,6 +39,7 @@ def make_method(loaded: LoadedModel, method: str, hparams: str | None = None, ov
                 ctx: RunContext | None = None) -> tuple[Method, str]:
     cls = get_method(method)
     params, source = resolve_params(cls, loaded.name, loaded.adapter, hparams, overrides)
+    check_layers(params, loaded.adapter, source, set(overrides or {}))
     return cls(loaded, params, ctx or RunContext()), source
 
 
