@@ -17,6 +17,25 @@ One public entry point reads a file of edit cases in any of the layouts in use:
   ``generation_prompts``.
 * ``zsre``     -- zsRE as split by MEND: ``src``, ``subject``, ``alt``, ``answers``,
   ``rephrase``, ``loc``, ``loc_ans`` (-> locality "nq").
+* ``knowedit`` -- KnowEdit (Zhang et al. 2024) ZsRE, WikiData_counterfact and
+  WikiData_recent: the prompt layout whose ``portability`` / ``locality`` map each
+  kind to a *list* of ``{"prompt", "ground_truth"}`` items, ``ground_truth`` (of the
+  edit and of each item) absent, a string, a list of strings or a list of alias
+  lists.  Every kind becomes one prompt set of that name (several prompts per kind).
+* ``wikibio``  -- KnowEdit's WikiBio: ``text`` (the prompt), ``labels`` (the new
+  continuation), ``concept`` (the subject), ``locality`` as in ``knowedit``.
+
+Answers given as lists are *alternatives*: every accepted answer of a prompt is kept
+(:attr:`PromptSet.answers`, :attr:`EditCase.ground_truth_aliases`); the first is the
+canonical one (``ground_truths`` / ``ground_truth``), the one EasyEdit keeps.  Empty
+strings among them are dropped; an item with no answer left is skipped with a
+warning (EasyEdit skips it too).
+
+EasyEdit's portability files are read as extras of the zsRE and ROME layouts:
+``portability`` ``{"New Question", "New Answer"}`` -> portability set "one_hop";
+``alter_subject_question`` (zsRE) or ``alternative_subject`` (CounterFact, put into the
+edit template) -> "subject_replace", answered by ``target_new``; ``inverse question``
+-> "inverse_relation", answered by the subject.
 
 Bad input raises :class:`CasesError`, whose message is one line naming the file,
 the line (JSONL) or ``record N`` (JSON array, 1-based) and the field.
@@ -49,7 +68,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Values accepted for the ``fmt`` argument.
-FORMATS = ("auto", "kedit", "easyedit", "rome", "zsre")
+FORMATS = ("auto", "kedit", "easyedit", "rome", "zsre", "knowedit", "wikibio")
 
 PLACEHOLDER = "{}"
 
@@ -80,15 +99,28 @@ def _tuple_of_str(value: Iterable[str] | str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class PromptSet:
-    """A named group of extra prompts (locality or portability), one answer each."""
+    """A named group of extra prompts (a locality or portability *kind*), one answer each.
+
+    ``answers[i]`` holds every accepted answer of prompt ``i`` (aliases or alternative
+    answers, first = ``ground_truths[i]``); give either ``ground_truths`` (one answer a
+    prompt, or one for all) or ``answers``.
+    """
 
     name: str
     prompts: tuple[str, ...]
-    ground_truths: tuple[str, ...]
+    ground_truths: tuple[str, ...] = ()
+    answers: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         prompts = _tuple_of_str(self.prompts)
+        answers = tuple(_tuple_of_str(a) for a in self.answers)
         truths = _tuple_of_str(self.ground_truths)
+        if answers:
+            if any(not a for a in answers):
+                raise CasesError(f"prompt set {self.name!r}: a prompt without answers")
+            if truths and truths != tuple(a[0] for a in answers):
+                raise CasesError(f"prompt set {self.name!r}: ground_truths are not the answers' first entries")
+            truths = tuple(a[0] for a in answers)
         if len(truths) == 1 and len(prompts) > 1:
             truths = truths * len(prompts)
         if len(prompts) != len(truths):
@@ -97,6 +129,7 @@ class PromptSet:
             )
         object.__setattr__(self, "prompts", prompts)
         object.__setattr__(self, "ground_truths", truths)
+        object.__setattr__(self, "answers", answers or tuple((t,) for t in truths))
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -105,8 +138,12 @@ class PromptSet:
         """``[(prompt, ground_truth), ...]``."""
         return list(zip(self.prompts, self.ground_truths))
 
-    def to_dict(self) -> dict[str, Any]:
-        """``{"prompt": ..., "ground_truth": ...}`` (a bare string when there is one)."""
+    def to_dict(self) -> dict[str, Any] | list[dict[str, Any]]:
+        """``{"prompt": ..., "ground_truth": ...}`` (a bare string when there is one); with
+        alternative answers, KnowEdit's list ``[{"prompt": p, "ground_truth": [a, ...]}, ...]``."""
+        if any(len(a) > 1 for a in self.answers):
+            return [{"prompt": p, "ground_truth": list(a) if len(a) > 1 else a[0]}
+                    for p, a in zip(self.prompts, self.answers)]
         if len(self.prompts) == 1:
             return {"prompt": self.prompts[0], "ground_truth": self.ground_truths[0]}
         return {"prompt": list(self.prompts), "ground_truth": list(self.ground_truths)}
@@ -126,6 +163,7 @@ class EditCase:
     subject: str
     target_new: str
     ground_truth: str | None = None
+    ground_truth_aliases: tuple[str, ...] = ()  # every accepted ground truth, first = ground_truth
     rephrase_prompts: tuple[str, ...] = ()
     locality: tuple[PromptSet, ...] = ()
     portability: tuple[PromptSet, ...] = ()
@@ -137,8 +175,14 @@ class EditCase:
 
     def __post_init__(self) -> None:
         # Accept lists from code that builds cases directly; store tuples (hashable).
-        for name in ("rephrase_prompts", "generation_prompts", "attribute_prompts"):
+        for name in ("rephrase_prompts", "generation_prompts", "attribute_prompts", "ground_truth_aliases"):
             object.__setattr__(self, name, _tuple_of_str(getattr(self, name)))
+        if self.ground_truth_aliases and self.ground_truth is None:
+            object.__setattr__(self, "ground_truth", self.ground_truth_aliases[0])
+        if self.ground_truth is not None and not self.ground_truth_aliases:
+            object.__setattr__(self, "ground_truth_aliases", (self.ground_truth,))
+        if self.ground_truth_aliases and self.ground_truth_aliases[0] != self.ground_truth:
+            raise CasesError(f"case {self.case_id!r}: ground_truth_aliases must start with ground_truth")
         for name in ("locality", "portability"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.template.count(PLACEHOLDER) != 1:
@@ -167,7 +211,8 @@ class EditCase:
             "target_new": self.target_new,
         }
         if self.ground_truth is not None:
-            out["ground_truth"] = self.ground_truth
+            out["ground_truth"] = self.ground_truth if len(self.ground_truth_aliases) < 2 \
+                else list(self.ground_truth_aliases)
         if self.rephrase_prompts:
             out["rephrase_prompts"] = list(self.rephrase_prompts)
         if self.locality:
@@ -236,11 +281,23 @@ def _target(value: Any, name: str) -> str:
     return value
 
 
-def _optional_truth(value: Any, name: str) -> str | None:
-    if value is None:
-        return None
-    value = _string(value, name).strip()
-    return value or None
+def _answers(value: Any, name: str) -> tuple[str, ...]:
+    """A string, a list of strings or a list of alias lists -> the accepted answers, in
+    order: stripped, empty ones and repeats dropped (possibly nothing)."""
+    if not isinstance(value, list):
+        return tuple(a for a in (_string(value, name).strip(),) if a)
+    out: list[str] = []
+    for i, item in enumerate(value):
+        group = item if isinstance(item, list) else [item]
+        for j, alias in enumerate(group):
+            where = f"{name}[{i}][{j}]" if isinstance(item, list) else f"{name}[{i}]"
+            if not isinstance(alias, str):
+                raise _FieldError(where, f"expected a string{'' if isinstance(item, list) else ' or a list of aliases'}"
+                                         f", got {_type_name(alias)} {_show(alias)}")
+            alias = alias.strip()
+            if alias and alias not in out:
+                out.append(alias)
+    return tuple(out)
 
 
 def _string_list(value: Any, name: str) -> list[str]:
@@ -329,8 +386,9 @@ def _prompt_set(name: str, prompts: Any, truths: Any, field_base: str, prompt_ke
     return PromptSet(name=name, prompts=plist, ground_truths=tuple(stripped))
 
 
-def _nested_sets(value: Any, key: str) -> list[PromptSet]:
-    """``{"name": {"prompt": ..., "ground_truth": ...}, ...}`` -> prompt sets."""
+def _nested_sets(value: Any, key: str, source: str = "") -> list[PromptSet]:
+    """``{"name": {"prompt": ..., "ground_truth": ...}, ...}`` or KnowEdit's
+    ``{"kind": [{"prompt": ..., "ground_truth": ...}, ...], ...}`` -> prompt sets."""
     if value is None:
         return []
     if not isinstance(value, dict):
@@ -341,6 +399,11 @@ def _nested_sets(value: Any, key: str) -> list[PromptSet]:
         base = f"{key}.{name}"
         if not name.strip():
             raise _FieldError(base, "empty prompt-set name")
+        if isinstance(spec, list):  # KnowEdit: a list of {prompt, ground_truth} items per kind
+            kind = _kind_items(name, spec, base, source)
+            if kind is not None:
+                sets.append(kind)
+            continue
         if not isinstance(spec, dict):
             raise _FieldError(base, f"expected an object with 'prompt' and 'ground_truth', got "
                                     f"{_type_name(spec)} {_show(spec)}")
@@ -348,6 +411,31 @@ def _nested_sets(value: Any, key: str) -> list[PromptSet]:
         tkey = _one_of(spec, ("ground_truth", "ground_truths"), base)
         sets.append(_prompt_set(name, spec[pkey], spec[tkey], base + ".", pkey, tkey))
     return sets
+
+
+def _kind_items(name: str, items: list, base: str, source: str) -> PromptSet | None:
+    """KnowEdit's ``[{"prompt": str | [str], "ground_truth": answers}, ...]`` -> one prompt set
+    (``None`` when no item is left).  Items without a non-empty answer are skipped with a
+    warning, as EasyEdit skips them."""
+    prompts: list[str] = []
+    answers: list[tuple[str, ...]] = []
+    for i, item in enumerate(items):
+        where = f"{base}[{i}]"
+        if not isinstance(item, dict):
+            raise _FieldError(where, f"expected an object with 'prompt' and 'ground_truth', got "
+                                     f"{_type_name(item)} {_show(item)}")
+        plist = _prompt_list(_get(item, "prompt", f"{where}.prompt"), f"{where}.prompt")
+        if not plist:
+            raise _FieldError(f"{where}.prompt", "no prompts")
+        accepted = _answers(_get(item, "ground_truth", f"{where}.ground_truth"), f"{where}.ground_truth")
+        if not accepted:
+            log.warning("%s: field '%s.ground_truth': no non-empty answer; item skipped (as EasyEdit does)",
+                        source, where)
+            continue
+        for p in plist:
+            prompts.append(p)
+            answers.append(accepted)
+    return PromptSet(name, tuple(prompts), answers=tuple(answers)) if prompts else None
 
 
 def _one_of(spec: dict, keys: tuple[str, str], base: str) -> str:
@@ -374,15 +462,15 @@ def _parse_prompt_record(rec: dict, default_id: str, source: str) -> EditCase:
     subject = _string(_get(rec, "subject"), "subject")
     target_new = _target(_get(rec, "target_new"), "target_new")
     template = _template(prompt, subject, "prompt", "subject")
-    ground_truth = _optional_truth(rec.get("ground_truth"), "ground_truth")
+    truths = () if rec.get("ground_truth") is None else _answers(rec["ground_truth"], "ground_truth")
 
     if "rephrase_prompts" in rec and "rephrase_prompt" in rec:
         raise _FieldError("rephrase_prompts", "give either 'rephrase_prompts' or 'rephrase_prompt', not both")
     rkey = "rephrase_prompts" if "rephrase_prompts" in rec else "rephrase_prompt"
     rephrase = () if rec.get(rkey) is None else _prompt_list(rec[rkey], rkey)
 
-    locality = _nested_sets(rec.get("locality"), "locality")
-    portability = _nested_sets(rec.get("portability"), "portability")
+    locality = _nested_sets(rec.get("locality"), "locality", source)
+    portability = _portability_sets(rec, source)
     for prefix, sets, name in (("locality", locality, "neighborhood"),
                                ("portability", portability, "portability")):
         pkey, tkey = f"{prefix}_prompt", f"{prefix}_ground_truth"
@@ -408,7 +496,7 @@ def _parse_prompt_record(rec: dict, default_id: str, source: str) -> EditCase:
         template=template,
         subject=subject,
         target_new=target_new,
-        ground_truth=ground_truth,
+        ground_truth_aliases=truths,
         rephrase_prompts=rephrase,
         locality=tuple(locality),
         portability=tuple(portability),
@@ -444,6 +532,13 @@ def _parse_rome_record(rec: dict, default_id: str, source: str) -> EditCase:
     neighborhood = plist("neighborhood_prompts")
     locality = (PromptSet("neighborhood", neighborhood, (target_true,) * len(neighborhood)),) \
         if neighborhood else ()
+    portability = _portability_sets(rec, source)
+    if rec.get("alternative_subject") is not None:  # EasyEdit's CounterFact subject replace
+        alias = _string(rec["alternative_subject"], "alternative_subject").strip()
+        if not alias:
+            raise _FieldError("alternative_subject", "empty subject")
+        _add_set(portability, PromptSet("subject_replace", (template.replace(PLACEHOLDER, alias, 1),),
+                                        (target_new,)), "alternative_subject")
     case_id = default_id if rec.get("case_id") is None else _case_id(rec["case_id"])
     return EditCase(
         case_id=case_id,
@@ -453,6 +548,7 @@ def _parse_rome_record(rec: dict, default_id: str, source: str) -> EditCase:
         ground_truth=target_true,
         rephrase_prompts=plist("paraphrase_prompts"),
         locality=locality,
+        portability=tuple(portability),
         generation_prompts=plist("generation_prompts"),
         attribute_prompts=plist("attribute_prompts"),
         relation_id=str(rw["relation_id"]) if rw.get("relation_id") is not None else None,
@@ -468,12 +564,12 @@ def _parse_zsre_record(rec: dict, default_id: str, source: str) -> EditCase:
     target_new = _target(_get(rec, "alt"), "alt")
     template = _template(prompt, subject, "src", "subject")
     answers = rec.get("answers")
-    ground_truth = None
+    truths: tuple[str, ...] = ()
     if answers is not None:
         answers = _string_list(answers, "answers")
         if not answers:
             raise _FieldError("answers", "empty list")
-        ground_truth = _optional_truth(answers[0], "answers[0]")
+        truths = _answers(answers, "answers")
     rephrase = () if rec.get("rephrase") is None else _prompt_list(rec["rephrase"], "rephrase")
     locality: tuple[PromptSet, ...] = ()
     has_loc, has_ans = rec.get("loc") is not None, rec.get("loc_ans") is not None
@@ -483,40 +579,92 @@ def _parse_zsre_record(rec: dict, default_id: str, source: str) -> EditCase:
         if not has_ans:
             raise _FieldError("loc_ans", "missing required field (given 'loc')")
         locality = (_prompt_set("nq", rec["loc"], rec["loc_ans"], "", "loc", "loc_ans"),)
+    portability = _portability_sets(rec, source)
+    # EasyEdit's zsRE portability files: the edited fact asked about the subject's alias,
+    # and the inverse relation (whose answer is the subject).
+    for key, name, answer in (("alter_subject_question", "subject_replace", target_new),
+                              ("inverse question", "inverse_relation", subject.strip())):
+        if rec.get(key) is not None:
+            _add_set(portability, _prompt_set(name, rec[key], answer, "", key, key), key)
     case_id = default_id if rec.get("case_id") is None else _case_id(rec["case_id"])
     return EditCase(
         case_id=case_id,
         template=template,
         subject=subject,
         target_new=target_new,
-        ground_truth=ground_truth,
+        ground_truth_aliases=truths,
         rephrase_prompts=rephrase,
         locality=locality,
+        portability=tuple(portability),
         source=source,
     )
+
+
+def _parse_wikibio_record(rec: dict, default_id: str, source: str) -> EditCase:
+    """KnowEdit's WikiBio: ``text`` (the prompt), ``labels`` (the new continuation),
+    ``concept`` (the subject, which the text holds), ``locality`` kinds."""
+    text = _string(_get(rec, "text"), "text")
+    concept = _string(_get(rec, "concept"), "concept")
+    labels = _target(_get(rec, "labels"), "labels")
+    template = _template(text, concept, "text", "concept")
+    case_id = default_id if rec.get("case_id") is None else _case_id(rec["case_id"])
+    return EditCase(
+        case_id=case_id,
+        template=template,
+        subject=concept,
+        target_new=labels,
+        locality=tuple(_nested_sets(rec.get("locality"), "locality", source)),
+        portability=tuple(_portability_sets(rec, source)),
+        source=source,
+    )
+
+
+def _portability_sets(rec: dict, source: str) -> list[PromptSet]:
+    """``portability``: kedit's / KnowEdit's map of sets, or EasyEdit's one-hop object
+    ``{"Recalled Relation", "New Question", "New Answer"}`` (-> set "one_hop")."""
+    value = rec.get("portability")
+    if isinstance(value, dict) and ("New Question" in value or "New Answer" in value):
+        for key in ("New Question", "New Answer"):
+            _get(value, key, f"portability.{key}")
+        return [_prompt_set("one_hop", value["New Question"], value["New Answer"], "portability.",
+                            "New Question", "New Answer")]
+    return _nested_sets(value, "portability", source)
 
 
 _PARSERS = {
     "kedit": _parse_prompt_record,
     "easyedit": _parse_prompt_record,
+    "knowedit": _parse_prompt_record,
     "rome": _parse_rome_record,
     "zsre": _parse_zsre_record,
+    "wikibio": _parse_wikibio_record,
 }
 
 
+def _has_kinds(rec: dict) -> bool:
+    """KnowEdit's sign: a ``portability`` / ``locality`` map whose values are lists."""
+    return any(isinstance(rec.get(k), dict) and any(isinstance(v, list) for v in rec[k].values())
+               for k in ("portability", "locality"))
+
+
 def _detect(rec: dict) -> str:
-    """The layout a single record looks like: "rome", "zsre", "easyedit" or "kedit"."""
+    """The layout a single record looks like: "rome", "zsre", "wikibio", "knowedit",
+    "easyedit" or "kedit"."""
     if "requested_rewrite" in rec:
         return "rome"
     if "prompt" not in rec and ("src" in rec or "alt" in rec):
         return "zsre"
+    if "prompt" not in rec and ("text" in rec or "labels" in rec or "concept" in rec):
+        return "wikibio"
+    if _has_kinds(rec):
+        return "knowedit"
     if any(k in rec for k in _FLAT_KEYS):
         return "easyedit"
     return "kedit"
 
 
 def _family(layout: str) -> str:
-    return "prompt" if layout in ("kedit", "easyedit") else layout
+    return "prompt" if layout in ("kedit", "easyedit", "knowedit") else layout
 
 
 def case_from_dict(record: dict, fmt: str = "auto", *, case_id: str = "case",
@@ -613,7 +761,7 @@ def _load(path: str | os.PathLike, fmt: str, skip_invalid: bool) -> tuple[list[E
     is_array, records = _iter_records(path)
     stem = path.stem
     family = None if fmt == "auto" else _family(fmt)
-    flat_seen = False
+    flat_seen = kinds_seen = False
     cases: list[EditCase] = []
     seen: dict[str, str] = {}  # case_id -> where first seen ("line 3" / "record 3")
     skipped = 0
@@ -628,6 +776,7 @@ def _load(path: str | os.PathLike, fmt: str, skip_invalid: bool) -> tuple[list[E
             if family is None:  # auto: the first record decides the layout of the file
                 family = _family(layout)
             flat_seen = flat_seen or layout == "easyedit"
+            kinds_seen = kinds_seen or layout == "knowedit"
             parser = _parse_prompt_record if family == "prompt" else _PARSERS[family]
             try:
                 case = parser(rec, f"{stem}-{number}", where)
@@ -653,7 +802,7 @@ def _load(path: str | os.PathLike, fmt: str, skip_invalid: bool) -> tuple[list[E
     if fmt != "auto":
         layout_name = fmt
     elif family == "prompt":
-        layout_name = "easyedit" if (is_array or flat_seen) else "kedit"
+        layout_name = "knowedit" if kinds_seen else "easyedit" if (is_array or flat_seen) else "kedit"
     else:
         layout_name = family
     return cases, layout_name
@@ -676,7 +825,8 @@ def load_cases(path: str | os.PathLike, fmt: str = "auto", *,
 def validate_cases(path: str | os.PathLike, fmt: str = "auto") -> tuple[int, str]:
     """Check a case file: (number of cases, layout) or :class:`CasesError`.
 
-    The layout is "kedit", "easyedit", "rome" or "zsre" (``fmt`` itself if given).
+    The layout is "kedit", "easyedit", "knowedit", "rome", "zsre" or "wikibio" (``fmt``
+    itself if given).
     """
     cases, layout = _load(path, fmt, skip_invalid=False)
     return len(cases), layout
