@@ -13,6 +13,7 @@ from kedit.evaluation import (
     aggregate,
     evaluate_cases,
     mean_nll,
+    metric_order,
     prob,
     score_targets,
     token_accuracy,
@@ -195,7 +196,11 @@ def test_evaluate_cases_pre_edit_hand_computed(wtok):
     assert len(wtok) == V
     per_case, ref = evaluate_cases(table_lm(wtok, PRE), wtok, [full_case(), bare_case(), same_answer_case()])
     m = per_case[0]
-    assert list(m) == [k for k in METRICS if k in m]  # registry order
+    assert list(m) == metric_order(m)  # registry order, per-kind values after their metric
+    assert [k for k in m if k not in METRICS] == [
+        "locality_acc.neighborhood", "n.locality_acc.neighborhood", "locality_acc.other", "n.locality_acc.other",
+        "portability_acc.one_hop", "n.portability_acc.one_hop"]
+    assert (m["n.locality_acc.neighborhood"], m["n.locality_acc.other"], m["n.portability_acc.one_hop"]) == (2, 1, 1)
     assert m["rewrite_acc"] == 0.0  # argmax after "in" is Paris
     assert m["rephrase_acc"] == 0.5  # Paris after "in", Rome after "located"
     assert m["locality_acc"] == 1.0  # pre-edit by definition
@@ -210,7 +215,8 @@ def test_evaluate_cases_pre_edit_hand_computed(wtok):
     assert m["neighborhood_magnitude"] == pytest.approx(((0.7 - 0.1) + (0.3 - 0.5) + (math.sqrt(0.6 * 0.5) - R)) / 3)
 
     assert per_case[1] == {"rewrite_acc": 1.0}  # nothing else is provided by the bare case
-    assert per_case[2] == {"rewrite_acc": 1.0, "locality_acc": 1.0, "specificity_acc": 1.0}  # "Paris" after "in"
+    assert per_case[2] == {"rewrite_acc": 1.0, "locality_acc": 1.0, "locality_acc.loc": 1.0,  # "Paris" after "in"
+                           "n.locality_acc.loc": 1, "specificity_acc": 1.0}
 
     ids = wtok.convert_tokens_to_ids
     assert ref[("c1", "neighborhood", 0)] == (ids("Paris"),)
@@ -227,8 +233,10 @@ def test_evaluate_cases_post_edit_hand_computed(wtok):
     m = per_case[0]
     assert m["rewrite_acc"] == 1.0
     assert m["rephrase_acc"] == 1.0
-    # neighborhood items unchanged (1, 1); "Italian French": French -> Rome after "Italian" (0.5)
-    assert m["locality_acc"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # neighborhood items unchanged (1, 1); "Italian French": French -> Rome after "Italian" (0.5);
+    # the mean over the two kinds (KnowEdit's Locality), not over the three prompts
+    assert m["locality_acc.neighborhood"] == 1.0 and m["locality_acc.other"] == 0.5
+    assert m["locality_acc"] == pytest.approx((1 + 0.5) / 2)
     # against the answers themselves: 1, 0 (Rome after "of"), 0.5 (Rome, not French, after "Italian")
     assert m["specificity_acc"] == pytest.approx((1 + 0 + 0.5) / 3)
     assert m["portability_acc"] == 0.5

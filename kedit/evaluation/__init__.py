@@ -8,6 +8,7 @@ from kedit.evaluation.metrics import (
     evaluate_cases,
     harmonic_mean,
     mean_nll,
+    metric_order,
     prob,
     token_accuracy,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "evaluate_cases",
     "harmonic_mean",
     "mean_nll",
+    "metric_order",
     "prob",
     "score_targets",
     "token_accuracy",

@@ -17,6 +17,32 @@ A metric is left out of a case's dict when the case's data does not provide it
 (no rephrase prompts -> no ``rephrase_acc`` / ``paraphrase_*``; no ``ground_truth`` ->
 no ``efficacy_*`` / ``paraphrase_*``; no locality -> no ``locality_acc`` /
 ``neighborhood_*``; no portability -> no ``portability_acc``).
+
+Kinds (KnowEdit, Zhang et al. 2024, "A Comprehensive Study of Knowledge Editing for
+Large Language Models", and EasyEdit's ``examples/run_knowedit_llama2.py``): a case's
+locality and portability prompts come in named sets -- KnowEdit's *kinds*
+(Reasoning, Subject_Aliasing, Logical_Generalization; Relation_Specificity,
+Forgetfulness), EasyEdit's portability sets (one_hop, subject_replace,
+inverse_relation), or any name a cases file gives.  The published definitions:
+
+* Edit Succ.   = mean over cases of ``rewrite_acc``;
+* Portability  = mean over the cases that have portability prompts of
+  (mean over the case's kinds of (mean over the kind's prompts of the token accuracy
+  of the kind's answer));
+* Locality     = the same with locality kinds and, per prompt, the share of the answer's
+  positions whose argmax is the pre-edit model's;
+* Fluency      = mean over cases of ROME's n-gram entropy of a generation from the edit
+  prompt (×100 in KnowEdit's table; see :mod:`kedit.evaluation.fluency`).
+
+kedit computes exactly these per case: ``portability_acc`` and ``locality_acc`` are the
+means over the case's kinds, and every kind also gets its own value,
+``portability_acc.<kind>`` / ``locality_acc.<kind>`` (mean over the kind's prompts),
+with ``n.<that name>`` = the number of prompts behind it (a count, which
+:func:`aggregate` sums instead of averaging).  A prompt whose answer has aliases (a
+list of accepted answers) counts as right with its best alias (the maximum token
+accuracy over them); EasyEdit keeps only the first alias, which gives the same value
+whenever a prompt has one answer (all shipped KnowEdit and portability files).  Locality
+compares argmaxes teacher-forced on the first alias, as EasyEdit does.
 """
 
 from __future__ import annotations
@@ -33,13 +59,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from kedit.data.cases import EditCase
 
 __all__ = [
+    "COUNT_PREFIX",
     "METRICS",
+    "PER_KIND",
     "LocalityReference",
     "MetricInfo",
     "aggregate",
     "evaluate_cases",
     "harmonic_mean",
     "mean_nll",
+    "metric_order",
     "prob",
     "token_accuracy",
 ]
@@ -60,10 +89,10 @@ METRICS: dict[str, MetricInfo] = {
         "easyedit", True, "token accuracy of target_new on the rephrased prompts"
     ),
     "locality_acc": MetricInfo(
-        "easyedit", True, "share of locality answer tokens whose argmax is unchanged by the edit"
+        "easyedit", True, "share of locality answer tokens whose argmax is unchanged by the edit (mean over kinds)"
     ),
     "portability_acc": MetricInfo(
-        "easyedit", True, "token accuracy of the portability answers on their prompts"
+        "easyedit", True, "token accuracy of the portability answers on their prompts (mean over kinds)"
     ),
     "efficacy_success": MetricInfo(
         "counterfact", True, "[P(new) > P(true)] on the edit prompt"
@@ -100,6 +129,24 @@ METRICS: dict[str, MetricInfo] = {
 }
 
 _SUCCESS_NAMES = ("efficacy_success", "paraphrase_success", "neighborhood_success")
+
+#: Metrics that also get one value per kind (prompt-set name): ``<metric>.<kind>``.
+PER_KIND = ("locality_acc", "portability_acc")
+#: Prefix of the per-case prompt counts behind a per-kind value (``n.portability_acc.Reasoning``).
+COUNT_PREFIX = "n."
+
+
+def metric_order(names) -> list[str]:
+    """Registry order, each per-kind value (and its prompt count) right after its metric
+    (kinds in the order given), then anything else in the order given."""
+    names = list(dict.fromkeys(names))
+    out: list[str] = []
+    for k in METRICS:
+        if k in names:
+            out.append(k)
+        for kind in (n for n in names if n.startswith(k + ".")):
+            out += [kind] + [c for c in (COUNT_PREFIX + kind,) if c in names]
+    return out + [n for n in names if n not in out]
 
 
 # --------------------------------------------------------------------------- per prompt
@@ -198,8 +245,9 @@ class _Plan:
     rewrite_new: int
     rewrite_true: int | None
     rephrase: list[tuple[int, int | None]]  # (new, true)
-    locality: list[tuple[RefKey, int, int | None]]  # (key, ground truth, new or None if skipped)
-    portability: list[int]
+    # (key, first answer, every answer, new or None if skipped)
+    locality: list[tuple[RefKey, int, list[int], int | None]]
+    portability: list[tuple[str, list[int]]]  # (kind, every answer)
 
 
 def _same_answer(a: str, b: str) -> bool:
@@ -223,14 +271,19 @@ def evaluate_cases(
 
     * ``rewrite_acc`` = acc(target_new | edit prompt).
     * ``rephrase_acc`` = mean over rephrase prompts of acc(target_new | prompt).
-    * ``locality_acc`` = mean over all locality prompts of the share of the answer's
-      positions (teacher forced on the locality ground truth) where the argmax
+    * ``locality_acc.<kind>`` = mean over the kind's prompts of the share of the
+      answer's positions (teacher forced on the first accepted answer) where the argmax
       now equals the argmax in ``reference`` (the pre-edit model's). Without a
       reference this *is* the pre-edit call and the value is 1.0 by definition.
-    * ``specificity_acc`` = mean over all locality prompts of acc(locality answer | prompt):
-      the MEND / MEMIT zsRE "specificity" (accuracy on the unrelated NQ question's own
-      answer, not agreement with the pre-edit model -- that is ``locality_acc``).
-    * ``portability_acc`` = mean over all portability prompts of acc(answer | prompt).
+      ``locality_acc`` = mean over the case's kinds (KnowEdit's Locality).
+    * ``specificity_acc`` = mean over all locality prompts of acc(locality answer | prompt)
+      (best accepted answer): the MEND / MEMIT zsRE "specificity" (accuracy on the
+      unrelated NQ question's own answer, not agreement with the pre-edit model -- that
+      is ``locality_acc``).
+    * ``portability_acc.<kind>`` = mean over the kind's prompts of
+      max over accepted answers of acc(answer | prompt); ``portability_acc`` = mean over
+      the case's kinds (KnowEdit's Portability).
+    * ``n.<metric>.<kind>``: the number of prompts behind each per-kind value.
     * ``efficacy_success`` = [P(new) > P(true)] on the edit prompt, i.e.
       mean_nll(new) < mean_nll(true); ``efficacy_magnitude`` = P(new) - P(true).
     * ``paraphrase_success`` / ``paraphrase_magnitude``: the same, averaged over the
@@ -255,16 +308,19 @@ def evaluate_cases(
     for case in cases:
         new, gt = case.target_new, case.ground_truth
         prompt = case.prompt
-        locality: list[tuple[RefKey, int, int | None]] = []
+        locality: list[tuple[RefKey, int, list[int], int | None]] = []
         keys: set[RefKey] = set()
         for ps in case.locality:
-            for j, (p, loc_gt) in enumerate(zip(ps.prompts, ps.ground_truths)):
+            for j, (p, loc_gt, accepted) in enumerate(zip(ps.prompts, ps.ground_truths, ps.answers)):
                 key = (case.case_id, ps.name, j)
                 if key in keys:
                     raise ValueError(f"case {case.case_id!r}: duplicate locality set name {ps.name!r}")
                 keys.add(key)
                 new_idx = None if _same_answer(loc_gt, new) else pairs.add(p, new)
-                locality.append((key, pairs.add(p, loc_gt), new_idx))
+                locality.append((key, pairs.add(p, loc_gt), [pairs.add(p, a) for a in accepted], new_idx))
+        kinds = [ps.name for ps in case.portability]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"case {case.case_id!r}: duplicate portability set name")
         plans.append(
             _Plan(
                 rewrite_new=pairs.add(prompt, new),
@@ -275,9 +331,9 @@ def evaluate_cases(
                 ],
                 locality=locality,
                 portability=[
-                    pairs.add(p, a)
+                    (ps.name, [pairs.add(p, a) for a in accepted])
                     for ps in case.portability
-                    for p, a in zip(ps.prompts, ps.ground_truths)
+                    for p, accepted in zip(ps.prompts, ps.answers)
                 ],
             )
         )
@@ -291,12 +347,12 @@ def evaluate_cases(
         if plan.rephrase:
             m["rephrase_acc"] = _mean([token_accuracy(scores[n]) for n, _ in plan.rephrase])
         if plan.locality:
-            accs = []
-            for key, gt_idx, _ in plan.locality:
+            accs: dict[str, list[float]] = {}
+            for key, gt_idx, _, _ in plan.locality:
                 post = scores[gt_idx].argmax_ids
                 new_reference.argmax[key] = tuple(int(t) for t in post.tolist())
                 if reference is None:
-                    accs.append(1.0)
+                    accs.setdefault(key[1], []).append(1.0)
                     continue
                 if key not in reference:
                     raise KeyError(f"locality reference has no entry for {key!r}")
@@ -306,11 +362,14 @@ def evaluate_cases(
                         f"locality reference for {key!r} has {pre.numel()} tokens, "
                         f"now {post.numel()} (different tokenizer?)"
                     )
-                accs.append(float((pre == post).double().mean()))
-            m["locality_acc"] = _mean(accs)
-            m["specificity_acc"] = _mean([token_accuracy(scores[g]) for _, g, _ in plan.locality])
+                accs.setdefault(key[1], []).append(float((pre == post).double().mean()))
+            _per_kind(m, "locality_acc", accs)
+            m["specificity_acc"] = _mean([_best(scores, every) for _, _, every, _ in plan.locality])
         if plan.portability:
-            m["portability_acc"] = _mean([token_accuracy(scores[i]) for i in plan.portability])
+            port: dict[str, list[float]] = {}
+            for kind, every in plan.portability:
+                port.setdefault(kind, []).append(_best(scores, every))
+            _per_kind(m, "portability_acc", port)
         if plan.rewrite_true is not None:
             s_new, s_true = scores[plan.rewrite_new], scores[plan.rewrite_true]
             m["efficacy_success"] = float(mean_nll(s_new) < mean_nll(s_true))
@@ -323,14 +382,28 @@ def evaluate_cases(
                 mag.append(prob(scores[n]) - prob(scores[t]))
             m["paraphrase_success"] = _mean(succ)
             m["paraphrase_magnitude"] = _mean(mag)
-        neigh = [(g, n) for _, g, n in plan.locality if n is not None]
+        neigh = [(g, n) for _, g, _, n in plan.locality if n is not None]
         if neigh:
             m["neighborhood_success"] = _mean(
                 [float(mean_nll(scores[g]) < mean_nll(scores[n])) for g, n in neigh]
             )
             m["neighborhood_magnitude"] = _mean([prob(scores[g]) - prob(scores[n]) for g, n in neigh])
-        results.append({k: m[k] for k in METRICS if k in m})
+        results.append({k: m[k] for k in metric_order(m)})
     return results, new_reference
+
+
+def _best(scores: Sequence[TargetScore], every: Sequence[int]) -> float:
+    """Token accuracy of the best accepted answer."""
+    return max(token_accuracy(scores[i]) for i in every)
+
+
+def _per_kind(m: dict[str, float], name: str, values: dict[str, list[float]]) -> None:
+    """``name`` = mean over kinds of the kind's mean; ``name.<kind>`` and its prompt count."""
+    means = {kind: _mean(v) for kind, v in values.items()}
+    m[name] = _mean(list(means.values()))
+    for kind, v in values.items():
+        m[f"{name}.{kind}"] = means[kind]
+        m[f"{COUNT_PREFIX}{name}.{kind}"] = len(v)
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -341,15 +414,22 @@ def aggregate(per_case: Sequence[dict[str, float]]) -> dict[str, Any]:
 
     Each name is averaged over the cases that have it (``count``); ``stderr`` is the
     sample standard deviation (ddof=1) over ``sqrt(count)``, 0.0 for a single case.
+    Per-kind values are averaged over the cases that have the kind (KnowEdit averages
+    over the cases that have any portability).  Prompt counts (``n.<name>``) are not
+    metrics: they are summed into ``"prompts"`` (present only when there are some).
     ``mean["score"]`` is the harmonic mean of the aggregate means of
     ``efficacy_success``, ``paraphrase_success`` and ``neighborhood_success`` (ROME's
     CounterFact score; 0 if any is 0), present only when all three are.
     """
     values: dict[str, list[float]] = {}
+    prompts: dict[str, int] = {}
     for m in per_case:
         for k, v in m.items():
+            if k.startswith(COUNT_PREFIX):
+                prompts[k.removeprefix(COUNT_PREFIX)] = prompts.get(k.removeprefix(COUNT_PREFIX), 0) + int(v)
+                continue
             values.setdefault(k, []).append(float(v))
-    names = [k for k in METRICS if k in values] + sorted(k for k in values if k not in METRICS)
+    names = metric_order([k for k in METRICS if k in values] + sorted(k for k in values if k not in METRICS))
     mean: dict[str, float] = {}
     stderr: dict[str, float] = {}
     count: dict[str, int] = {}
@@ -366,4 +446,7 @@ def aggregate(per_case: Sequence[dict[str, float]]) -> dict[str, Any]:
             stderr[k] = 0.0
     if all(k in mean for k in _SUCCESS_NAMES):
         mean["score"] = float(harmonic_mean([mean[k] for k in _SUCCESS_NAMES]))
-    return {"n": len(per_case), "mean": mean, "stderr": stderr, "count": count}
+    out = {"n": len(per_case), "mean": mean, "stderr": stderr, "count": count}
+    if prompts:
+        out["prompts"] = prompts
+    return out
