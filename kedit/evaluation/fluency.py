@@ -5,6 +5,15 @@ generation prompts -- CounterFact's ``generation_prompts`` (10 per case in the R
 layout); cases without them (EasyEdit's flat layout) use the edit prompt and its
 rephrasings instead, which the result records as ``generation_source``.
 
+KnowEdit's Fluency (EasyEdit's ``test_generation_quality`` as its KnowEdit script calls
+it) generates once from the edit prompt alone, top-k 5, until the text -- prompt
+included -- is 100 tokens long, whatever the model emits: ``source="prompt",
+total_tokens=True``.  kedit samples exactly that many new tokens with the end-of-text
+token suppressed (EasyEdit's sampler ignores it and goes on; an instruction-tuned model
+such as SmolLM2-Instruct ends its turn right after a question, which would leave the
+prompt alone to be scored); a prompt of 100 tokens or more gets no new token, and its
+fluency is the prompt's own, as in EasyEdit.
+
 * ``fluency`` -- ROME's generation entropy ``n_gram_entropy``: per text,
   ``mean(2/3 · H₂, 4/3 · H₃)`` where ``H_n = -Σ f log₂ f`` over the relative frequencies
   ``f`` of the text's word n-grams; averaged over the case's texts.  Low values mean
@@ -107,17 +116,69 @@ def generation_prompts(case: Any) -> tuple[list[str], str]:
     return [case.prompt, *case.rephrase_prompts], "prompt+rephrase"
 
 
+def fixed_length_samples(loaded: Any, prompts: Sequence[str], total_tokens: int, *, top_k: int = 5, seed: int = 0,
+                         batch_size: int = 16) -> list[str]:
+    """Top-k samples that make each text (prompt + continuation) ``total_tokens`` tokens
+    long, the end-of-text token suppressed (EasyEdit's ``generate_fast`` with
+    ``max_out_len``); a prompt that long already gets ``""``.  Prompts of one length
+    share batches (no padding); seeded in a forked RNG; neutral generation settings, as
+    :func:`kedit.evaluation.generation.generate`."""
+    import torch
+
+    from kedit.evaluation.generation import _continuation, _model_device, _pad_id, _seeded
+
+    model, tok = loaded.model, loaded.tokenizer
+    device = _model_device(loaded)
+    encoded = [[int(t) for t in ids] for ids in tok(list(prompts))["input_ids"]] if prompts else []
+    eos = getattr(tok, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    out = [""] * len(encoded)
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        if 0 < len(ids) < total_tokens:
+            by_length.setdefault(len(ids), []).append(i)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), _seeded(int(seed), device):
+            for length, idx in sorted(by_length.items()):
+                n_new = total_tokens - length
+                options = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=True, top_k=int(top_k),
+                               top_p=1.0, temperature=1.0, num_beams=1, repetition_penalty=1.0,
+                               no_repeat_ngram_size=0, pad_token_id=_pad_id(tok, model), eos_token_id=eos)
+                for lo in range(0, len(idx), batch_size):
+                    chunk = idx[lo: lo + batch_size]
+                    ids = torch.tensor([encoded[i] for i in chunk], device=device)
+                    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **options)
+                    for row, i in enumerate(chunk):
+                        out[i] = _continuation(tok, encoded[i], [int(t) for t in gen[row, length:].tolist()])
+    finally:
+        model.train(was_training)
+    return out
+
+
 def generation_metrics(loaded: Any, cases: Sequence[Any], *, max_new_tokens: int = 100, seed: int = 0,
-                       reference: TfidfReference | None = None, batch_size: int = 16) -> list[dict[str, float]]:
-    """``fluency`` (and ``consistency`` with a reference) per case, in case order."""
+                       reference: TfidfReference | None = None, batch_size: int = 16, source: str = "case",
+                       total_tokens: bool = False) -> list[dict[str, float]]:
+    """``fluency`` (and ``consistency`` with a reference) per case, in case order.
+
+    ``source``: ``"case"`` (the case's generation prompts, see :func:`generation_prompts`)
+    or ``"prompt"`` (the edit prompt only, KnowEdit).  ``total_tokens``: ``max_new_tokens``
+    counts the prompt's tokens too (KnowEdit's 100-token texts)."""
     from kedit.evaluation.generation import generate
 
+    if source not in ("case", "prompt"):
+        raise ValueError(f"source must be 'case' or 'prompt', got {source!r}")
     prompts, owner = [], []
     for i, case in enumerate(cases):
-        ps, _ = generation_prompts(case)
+        ps = [case.prompt] if source == "prompt" else generation_prompts(case)[0]
         prompts += ps
         owner += [i] * len(ps)
-    texts = generate(loaded, prompts, max_new_tokens, sample=True, top_k=5, seed=seed, batch_size=batch_size)
+    if not total_tokens:
+        texts = generate(loaded, prompts, max_new_tokens, sample=True, top_k=5, seed=seed, batch_size=batch_size)
+    else:
+        texts = fixed_length_samples(loaded, prompts, max_new_tokens, seed=seed, batch_size=batch_size)
     per_case: list[list[str]] = [[] for _ in cases]
     for i, p, t in zip(owner, prompts, texts):
         per_case[i].append(p + t)
