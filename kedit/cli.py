@@ -263,7 +263,10 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
 
 
 @app.command()
-def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zsre"),
+def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zsre | knowedit | portability"),
+          subset: Optional[str] = typer.Option(None, "--subset", help="knowedit: zsre | wiki-counterfact | wiki-recent | "
+                                               "wikibio; portability: zsre-one-hop | counterfact-one-hop | "
+                                               "zsre-subject-replace | counterfact-subject-replace | zsre-inverse-relation"),
           method: str = typer.Option("rome", "--method"),
           model: str = ModelOpt,
           n: Optional[int] = typer.Option(None, "-n", help="number of cases"),
@@ -273,7 +276,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                          help="sequential: evaluate all edits so far every K edits (the curve)"),
           generation: bool = typer.Option(False, "--generation", help="also measure fluency (and consistency) of sampled generations"),
-          gen_tokens: int = typer.Option(100, "--gen-tokens", help="with --generation: new tokens per generation"),
+          gen_tokens: int = typer.Option(100, "--gen-tokens", help="with --generation: new tokens per generation "
+                                         "(knowedit: tokens per text, the prompt's included, as KnowEdit counts them)"),
           reference: Optional[Path] = typer.Option(None, "--reference",
                                                    help="with --generation: dir with ROME's attribute_snippets.json, idf.npy, tfidf_vocab.json"),
           hparams: Optional[Path] = typer.Option(None, "--hparams"),
@@ -284,10 +288,10 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           seed: int = typer.Option(0, "--seed"),
           stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
           device: str = DeviceOpt, dtype: str = DtypeOpt):
-    """Benchmark a method on CounterFact or zsRE; resumable with --resume RUN_DIR."""
+    """Benchmark a method on CounterFact, zsRE, KnowEdit or the portability sets; resumable with --resume RUN_DIR."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from kedit.runs.bench import BENCHMARKS, BenchError, load_bench_config, load_benchmark, run_bench, save_bench_config
+    from kedit.runs.bench import BenchError, get_benchmark, load_bench_config, load_benchmark, run_bench, save_bench_config
     from kedit.runs.experiment import make_method, resolved_config
     from kedit.methods.base import RunContext
     from kedit.runs.rundir import new_run_id, unique_run_id
@@ -298,6 +302,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             b = cfg["bench"]
             benchmark, n, offset, batch_size, sequential, data = (b["name"], b["n"], b["offset"], b["batch_size"],
                                                                   b["sequential"], b["data"])
+            subset = b.get("subset")
             checkpoint_every, generation = b.get("checkpoint_every"), b.get("generation", False)
             gen_tokens, reference = b.get("gen_tokens", 100), b.get("reference")
             method, model, seed = cfg["method"], cfg["model"]["name"], cfg["seed"]
@@ -305,7 +310,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             overrides, hparams = cfg["hparams"], None
         else:
             if benchmark is None:
-                fail("give a benchmark (counterfact | zsre) or --resume RUN_DIR")
+                fail("give a benchmark (counterfact | zsre | knowedit | portability) or --resume RUN_DIR")
             overrides = parse_sets(set_)
         if checkpoint_every is not None and not sequential:
             fail("--checkpoint-every needs --sequential")
@@ -318,14 +323,16 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                 ref_data = TfidfReference.load(reference)
             except (OSError, ValueError, KeyError) as e:
                 fail(str(e))
-        cases = load_benchmark(benchmark, data, n, offset)
+        bm = get_benchmark(benchmark, subset)
+        cases = load_benchmark(benchmark, data, n, offset, subset=subset)
         loaded = _load(model, device, dtype)
         extra = None
         if generation:
             from functools import partial
 
             from kedit.evaluation.fluency import generation_metrics
-            extra = partial(generation_metrics, loaded, max_new_tokens=gen_tokens, seed=seed, reference=ref_data)
+            extra = partial(generation_metrics, loaded, max_new_tokens=gen_tokens, seed=seed, reference=ref_data,
+                            **bm.fluency)
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
         if resume:
             from kedit.config import resolve_params
@@ -342,19 +349,19 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
     if resume:
         run_dir = Path(resume)
     else:
-        config = resolved_config(loaded, meth, source, cases_file=data or BENCHMARKS[benchmark][0], cases=cases,
+        config = resolved_config(loaded, meth, source, cases_file=data or bm.file, cases=cases,
                                  sequential=sequential, batch_size=batch_size,
                                  command=" ".join(["kedit", *sys.argv[1:]]))
-        config["bench"] = {"name": benchmark, "n": n, "offset": offset, "batch_size": batch_size,
+        config["bench"] = {"name": benchmark, "subset": subset, "n": n, "offset": offset, "batch_size": batch_size,
                            "sequential": sequential, "checkpoint_every": checkpoint_every,
                            "generation": generation, "gen_tokens": gen_tokens,
                            "reference": str(reference) if reference else None,
-                           "data": data, "note": BENCHMARKS[benchmark][2]}
-        run_id = new_run_id(f"bench-{benchmark}-{method}", loaded.name, config)
+                           "data": data, "note": bm.note, "fluency": bm.fluency or None}
+        run_id = new_run_id(f"bench-{bm.label.replace('/', '-')}-{method}", loaded.name, config)
         run_dir = Path(out) / unique_run_id(Path(out), run_id)
         run_dir.mkdir(parents=True)
         save_bench_config(run_dir, config)
-    _say(f"{BENCHMARKS[benchmark][2]}; {len(cases)} cases -> {run_dir}")
+    _say(f"{bm.note}; {len(cases)} cases -> {run_dir}")
     sums: dict[str, float] = {}
     count = [0]
     try:
@@ -365,7 +372,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
 
             def on_case(rec: dict) -> None:
                 count[0] += 1
-                for k in ("rewrite_acc", "efficacy_success", "locality_acc"):
+                for k in ("rewrite_acc", "efficacy_success", "locality_acc", "portability_acc"):
                     if k in rec["post"]:
                         sums[k] = sums.get(k, 0.0) + rec["post"][k]
                 means = "  ".join(f"{k.split('_')[0]} {v / count[0]:.2f}" for k, v in sums.items())
@@ -379,20 +386,22 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         raise typer.Exit(130)
     except (BenchError, *user_errors()) as e:
         fail(str(e))
-    t = Table(title=f"{benchmark}: {metrics['n']} cases, {method} on {loaded.name} (mean ± stderr)")
-    for col in ("metric", "pre", "post"):
-        t.add_column(col)
+    t = Table(title=f"{bm.label}: {metrics['n']} cases, {method} on {loaded.name} (mean ± stderr)")
+    for col in ("metric", "pre", "post", "n"):
+        t.add_column(col, justify="right" if col == "n" else "left")
+    counts = (metrics.get("count") or {}).get("post", {})
     for name in dict.fromkeys([*metrics["pre"], *metrics["post"]]):
         pre, post = metrics["pre"].get(name), metrics["post"].get(name)
         sp, so = metrics["stderr"]["pre"].get(name), metrics["stderr"]["post"].get(name)
-        t.add_row(name, _fmt(pre) + (f" ± {sp:.2f}" if sp else ""), _fmt(post) + (f" ± {so:.2f}" if so else ""))
+        t.add_row(name, _fmt(pre) + (f" ± {sp:.2f}" if sp else ""), _fmt(post) + (f" ± {so:.2f}" if so else ""),
+                  str(counts.get(name, "")))
     console.print(t)
     ts = metrics.get("time") or {}
     if ts:
         console.print(f"time: edits {ts['edit_s']:.0f} s, evaluation {ts['pre_eval_s'] + ts['eval_s']:.0f} s "
                       f"(pre {ts['pre_eval_s']:.0f} s + post {ts['eval_s']:.0f} s) = {100 * ts['eval_share']:.0f}% "
                       "of the edit + evaluation time")
-    console.print(f"run: [bold]{run_dir}[/bold]  ({BENCHMARKS[benchmark][2]})")
+    console.print(f"run: [bold]{run_dir}[/bold]  ({bm.note})")
 
 
 # --------------------------------------------------------------------------- compare-gen, apply, runs, report

@@ -1,4 +1,10 @@
-"""Benchmarks (CounterFact, zsRE): resumable runs over shipped data.
+"""Benchmarks (CounterFact, zsRE, KnowEdit, EasyEdit's portability sets): resumable runs
+over shipped data.
+
+``counterfact`` and ``zsre`` are one file each; ``knowedit`` and ``portability`` have
+subsets (``--subset``): KnowEdit's ZsRE, WikiData_counterfact, WikiData_recent (not
+shipped: ``--data``) and WikiBio; the one-hop, subject-replace and inverse-relation
+portability sets of zsRE and CounterFact.
 
 A bench run directory is written in place (not renamed at the end) so it can be
 resumed: ``config.yaml`` first, then one line per finished case appended to
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,18 +55,94 @@ BENCHMARKS = {
 }
 
 
+#: KnowEdit's Fluency: one generation from the edit prompt, 100 tokens with the prompt.
+KNOWEDIT_FLUENCY = {"source": "prompt", "total_tokens": True}
+
+# name -> subset -> (file under kedit/data or None when not shipped, layout, note)
+SUBSETS = {
+    "knowedit": {
+        "zsre": ("benchmarks/knowedit/zsre-test-all.json", "knowedit",
+                 "KnowEdit ZsRE (Zhang et al. 2024), test set: 1,301 cases"),
+        "wiki-counterfact": ("benchmarks/knowedit/wiki-counterfact-train.json", "knowedit",
+                             "KnowEdit WikiData_counterfact, TRAIN split (1,427 cases; the test split is not "
+                             "shipped, --data reads it)"),
+        "wiki-recent": (None, "knowedit", "KnowEdit WikiData_recent, read from --data"),
+        "wikibio": ("benchmarks/knowedit/wikibio-test-all.json", "wikibio",
+                    "KnowEdit WikiBio, test set: 306 cases"),
+    },
+    "portability": {
+        "zsre-one-hop": ("benchmarks/portability/zsre-one-hop.json", "zsre",
+                         "EasyEdit portability, zsRE one-hop questions (1,037 cases)"),
+        "counterfact-one-hop": ("benchmarks/portability/counterfact-one-hop.json", "rome",
+                                "EasyEdit portability, CounterFact one-hop questions (1,031 cases)"),
+        "zsre-subject-replace": ("benchmarks/portability/zsre-subject-replace.json", "zsre",
+                                 "EasyEdit portability, zsRE subject aliases (289 of 293 cases usable)"),
+        "counterfact-subject-replace": ("benchmarks/portability/counterfact-subject-replace.json", "rome",
+                                        "EasyEdit portability, CounterFact subject aliases (213 cases)"),
+        "zsre-inverse-relation": ("benchmarks/portability/zsre-inverse-relation.json", "zsre",
+                                  "EasyEdit portability, zsRE inverse relations (380 of 385 cases usable)"),
+    },
+}
+
+
 class BenchError(ValueError):
     """Bad benchmark arguments or an unusable run directory (one line)."""
 
 
-def load_benchmark(name: str, data: str | None = None, n: int | None = None, offset: int = 0) -> list[EditCase]:
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark (or subset): where its cases are and how to read and score them."""
+
+    name: str
+    subset: str | None
+    file: str | None          # under kedit/data; None: not shipped (--data)
+    layout: str
+    note: str
+    skip_invalid: bool = False  # files known to hold a few unusable records (listed in the data README)
+    fluency: dict = field(default_factory=dict)  # generation_metrics options for --generation
+
+    @property
+    def label(self) -> str:
+        """``knowedit/zsre``, ``counterfact``."""
+        return f"{self.name}/{self.subset}" if self.subset else self.name
+
+
+def benchmark_names() -> list[str]:
+    return [*BENCHMARKS, *SUBSETS]
+
+
+def get_benchmark(name: str, subset: str | None = None) -> Benchmark:
+    """The benchmark ``name`` (``subset`` for knowedit / portability), or :class:`BenchError`."""
+    if name in BENCHMARKS:
+        if subset:
+            raise BenchError(f"--subset {subset}: '{name}' has no subsets (subsets: {', '.join(SUBSETS)})")
+        path, fmt, note = BENCHMARKS[name]
+        return Benchmark(name, None, path, fmt, note, skip_invalid=(name == "zsre"))
+    if name not in SUBSETS:
+        raise BenchError(f"unknown benchmark '{name}' (known: {', '.join(benchmark_names())})")
+    if not subset:
+        raise BenchError(f"{name} needs --subset ({' | '.join(SUBSETS[name])})")
+    if subset not in SUBSETS[name]:
+        raise BenchError(f"unknown {name} subset '{subset}' (known: {', '.join(SUBSETS[name])})")
+    path, fmt, note = SUBSETS[name][subset]
+    return Benchmark(name, subset, path, fmt, note, skip_invalid=(name == "portability"),
+                     fluency=dict(KNOWEDIT_FLUENCY) if name == "knowedit" else {})
+
+
+def load_benchmark(name: str, data: str | None = None, n: int | None = None, offset: int = 0,
+                   subset: str | None = None) -> list[EditCase]:
     """Cases ``offset .. offset+n`` of a benchmark (``data`` overrides the shipped file;
-    any layout kedit reads, e.g. ROME's original CounterFact JSON)."""
-    if name not in BENCHMARKS:
-        raise BenchError(f"unknown benchmark '{name}' (known: {', '.join(BENCHMARKS)})")
-    path, fmt, _ = BENCHMARKS[name]
-    source = Path(data) if data else package_data() / path
-    cases = load_cases(source, "auto" if data else fmt, skip_invalid=(name == "zsre"))
+    any layout kedit reads, e.g. ROME's original CounterFact JSON or KnowEdit's
+    recent_test.json)."""
+    bm = get_benchmark(name, subset)
+    if data:
+        source = Path(data)
+    elif bm.file is None:
+        raise BenchError(f"{bm.label}: not shipped with kedit; give KnowEdit's file with --data "
+                         "(e.g. wiki_recent/recent_test.json)")
+    else:
+        source = package_data() / bm.file
+    cases = load_cases(source, "auto" if data else bm.layout, skip_invalid=bm.skip_invalid)
     if offset < 0 or offset >= len(cases):
         raise BenchError(f"--offset {offset}: {source} has {len(cases)} cases")
     return cases[offset: offset + n if n else None]
