@@ -528,18 +528,32 @@ def runs_list(root: Path = typer.Argument(Path("runs"), help="directory of run d
 @app.command()
 def report(runs: list[Path] = typer.Argument(..., help="run directories to compare"),
            out: Optional[Path] = typer.Option(None, "--out", help="where report.md and the PNGs go "
-                                              "(default reports/<time>)")):
+                                              "(default reports/<time>)"),
+           table: Optional[str] = typer.Option(None, "--table", help="knowedit: KnowEdit's table (dataset × metric "
+                                               "rows, method columns): knowedit.md and knowedit.png"),
+           published: bool = typer.Option(True, "--published/--no-published", help="with --table knowedit: the "
+                                          "published Llama-2-7b-chat values beside each method")):
     """Compare runs side by side: a markdown report and PNG charts (pre vs post; sequential curves)."""
     import datetime as dt
 
-    from kedit.runs.report import comparison_table, distinguish, summarize, write_report
+    from kedit.runs.report import comparison_table, distinguish, summarize, write_knowedit_table, write_report
 
+    if table not in (None, "knowedit"):
+        fail(f"--table {table}: the one table is 'knowedit'")
     out = out or Path("reports") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         summaries = distinguish([summarize(r) for r in runs])
-        written = write_report(summaries, out)
+        if table == "knowedit":
+            written = write_knowedit_table(summaries, out, published=published)
+        else:
+            written = write_report(summaries, out)
     except _run_errors() as e:
         fail(str(e))
+    if table == "knowedit":
+        console.print(written["markdown"].read_text(), markup=False, highlight=False, soft_wrap=True)
+        for kind, path in written.items():
+            console.print(f"{kind}: {path}", highlight=False, soft_wrap=True)
+        return
     console.print(comparison_table(summaries))
     for kind, path in written.items():
         console.print(f"{kind}: {path}", highlight=False, soft_wrap=True)

@@ -130,8 +130,9 @@ def summarize(run_dir: str | os.PathLike) -> RunSummary:
     else:
         mode = f"batch {batch}" if batch and batch > 1 else "independent"
     run_id = str(config.get("run_id") or path.name)
+    name = f"{bench.get('name')}/{bench['subset']}" if bench.get("subset") else bench.get("name")
     return RunSummary(path=path, run_id=run_id, time=_time(run_id, path),
-                      kind=f"bench {bench.get('name')}" if bench else "edit", method=str(config.get("method", "?")),
+                      kind=f"bench {name}" if bench else "edit", method=str(config.get("method", "?")),
                       model=str((config.get("model") or {}).get("name", "?")), n=int(metrics.get("n", 0)),
                       n_planned=planned, mode=mode, complete=complete, metrics=metrics, config=config)
 
@@ -460,4 +461,256 @@ def write_report(run_dirs: list[str | os.PathLike | RunSummary], out_dir: str | 
         written["curve"] = out / "report-curve.png"
     write_text(out / "report.md", render_report(runs, {k: p.name for k, p in written.items()}))
     written["markdown"] = out / "report.md"
+    return written
+
+
+# --------------------------------------------------------------------------- the KnowEdit table
+
+#: KnowEdit's datasets, in its table's order: our benchmark subset -> its name in the table.
+KNOWEDIT_DATASETS = {"knowedit/wiki-recent": "WikiData_recent", "knowedit/zsre": "ZsRE",
+                     "knowedit/wikibio": "WikiBio", "knowedit/wiki-counterfact": "WikiData_counterfact"}
+
+#: KnowEdit's rows: (its metric name, kedit's metric, scale).  Accuracies are shown as
+#: percentages and fluency (bits) ×100, as the published table does.
+KNOWEDIT_ROWS = (("Edit Succ.", "rewrite_acc", 100.0), ("Portability", "portability_acc", 100.0),
+                 ("Locality", "locality_acc", 100.0), ("Fluency", "fluency", 100.0))
+
+#: kedit's method names as KnowEdit's table spells them (others are upper-cased).
+METHOD_NAMES = {"rome": "ROME", "memit": "MEMIT", "ft_l": "FT-L", "ft_m": "FT-M", "alphaedit": "AlphaEdit",
+                "emmet": "EMMET", "lora": "LoRA", "grace": "GRACE", "wise": "WISE", "ike": "IKE"}
+
+PUBLISHED_MODEL = "Llama-2-7b-chat"
+
+
+def knowedit_card() -> Path:
+    """The KnowEdit dataset card shipped with kedit (MIT), which holds the published table."""
+    from kedit.util.paths import package_data
+
+    return package_data() / "benchmarks" / "knowedit" / "DATASET-CARD.md"
+
+
+def published_knowedit(card: str | os.PathLike | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """The results table of KnowEdit's dataset card: ``{dataset: {metric: {method: value}}}``,
+    metric names without their arrows ("Edit Succ.", "Portability", "Locality", "Fluency"),
+    values as printed (percentages; fluency ×100).  A decimal comma ("64,86") is read as a
+    point; an empty or unreadable cell is left out."""
+    path = Path(card) if card else knowedit_card()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read the KnowEdit dataset card ({e.strerror or e})") from None
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("|")
+                  and [c.strip().lower() for c in line.strip().strip("|").split("|")][:2] == ["dataset", "metric"]),
+                 None)
+    if start is None:
+        raise ReportError(f"{path}: no '| DataSet | Metric | ...' results table")
+    methods = [c.strip() for c in lines[start].strip().strip("|").split("|")][2:]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    dataset = None
+    for line in lines[start + 2:]:
+        if not line.strip().startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0]:
+            dataset = cells[0].strip("*").strip()
+            out.setdefault(dataset, {})
+            continue
+        if dataset is None or len(cells) < 2 or not cells[1]:
+            continue
+        metric = cells[1].replace("↑", "").replace("↓", "").strip()
+        row = out[dataset].setdefault(metric, {})
+        for method, cell in zip(methods, cells[2:]):
+            try:
+                row[method] = float(cell.replace(",", "."))
+            except ValueError:
+                continue
+    if not out:
+        raise ReportError(f"{path}: the results table is empty")
+    return out
+
+
+@dataclass
+class KnowEditTable:
+    """The table as data: ``datasets`` (row groups, in order), ``columns`` (labels, in
+    order), ``cells[(dataset, row, column)] = value``, notes per dataset."""
+
+    datasets: list[str]
+    columns: list[str]
+    rows: dict[str, list[str]]                     # dataset -> row names
+    cells: dict[tuple[str, str, str], float]
+    n: dict[tuple[str, str], int]                  # (dataset, column) -> cases
+    published: set[str]                            # columns holding published values
+    notes: dict[str, str]                          # dataset -> where its cases came from
+    runs: dict[tuple[str, str], RunSummary]        # (dataset, column) -> the run
+
+
+def _dataset_of(r: RunSummary) -> tuple[str, str]:
+    """(the row group's name, a note on its data) for a run."""
+    bench = r.config.get("bench") or {}
+    name = r.cases_name
+    label = KNOWEDIT_DATASETS.get(name, name)
+    note = str(bench.get("note") or "")
+    if bench.get("data"):
+        note = f"cases from {bench['data']}"
+    return label, note
+
+
+def knowedit_table(runs: list[RunSummary], published: bool = True,
+                   card: str | os.PathLike | None = None) -> KnowEditTable:
+    """Runs -> KnowEdit's table: one row group per dataset (KnowEdit's four first, then any
+    other benchmark), rows Edit Succ. / Portability / Locality / Fluency (×100, as
+    published) and kedit's extra rows (rephrase accuracy, each portability and locality
+    kind), one column per method and model; with ``published`` the dataset card's
+    Llama-2-7b-chat values sit beside each method that has them."""
+    if not runs:
+        raise ReportError("give at least one run directory")
+    pub = published_knowedit(card) if published else {}
+    order = list(KNOWEDIT_DATASETS.values())
+    datasets: list[str] = []
+    columns: list[str] = []
+    cells: dict[tuple[str, str, str], float] = {}
+    n: dict[tuple[str, str], int] = {}
+    notes: dict[str, str] = {}
+    owner: dict[tuple[str, str], RunSummary] = {}
+    extra: dict[str, list[str]] = {}
+    pub_cols: set[str] = set()
+    for r in runs:
+        dataset, note = _dataset_of(r)
+        method = METHOD_NAMES.get(r.method, r.method.upper())
+        model = Path(r.model).name if ("/" in r.model or "\\" in r.model) else r.model
+        column = f"{method} · {model}" + ("" if r.mode == "independent" else f" ({r.mode})")
+        if (dataset, column) in owner:
+            raise ReportError(f"two runs for {dataset} × {column}: {owner[(dataset, column)].path} and {r.path} "
+                              "(give one of them)")
+        owner[(dataset, column)] = r
+        if dataset not in datasets:
+            datasets.append(dataset)
+        notes.setdefault(dataset, note)
+        if column not in columns:
+            columns.append(column)
+        post = r.metrics.get("post", {})
+        for row, metric, scale in KNOWEDIT_ROWS:
+            if isinstance(post.get(metric), (int, float)):
+                cells[(dataset, row, column)] = post[metric] * scale
+        rows = extra.setdefault(dataset, [])
+        for metric, label in (("rephrase_acc", "Rephrase"),):
+            if isinstance(post.get(metric), (int, float)):
+                cells[(dataset, label, column)] = post[metric] * 100
+                rows.append(label)
+        for parent, label in (("portability_acc", "Portability"), ("locality_acc", "Locality")):
+            for k, v in post.items():
+                if k.startswith(parent + ".") and isinstance(v, (int, float)):
+                    row = f"{label}: {k.removeprefix(parent + '.')}"
+                    cells[(dataset, row, column)] = v * 100
+                    rows.append(row)
+        n[(dataset, column)] = r.n
+        pub_values = pub.get(dataset, {})
+        pcol = f"{method} · {PUBLISHED_MODEL} (published)"
+        if any(method in v for v in pub_values.values()):
+            for row, _, _ in KNOWEDIT_ROWS:
+                if method in pub_values.get(row, {}):
+                    cells[(dataset, row, pcol)] = pub_values[row][method]
+            pub_cols.add(pcol)
+    # the published column right after its method's (first) kedit column
+    ordered: list[str] = []
+    for c in columns:
+        ordered.append(c)
+        pcol = f"{c.split(' · ')[0]} · {PUBLISHED_MODEL} (published)"
+        if pcol in pub_cols and pcol not in ordered:
+            ordered.append(pcol)
+    seen = list(datasets)
+    datasets.sort(key=lambda d: (order.index(d) if d in order else len(order), seen.index(d)))
+    all_rows = {}
+    for d in datasets:
+        main = [row for row, _, _ in KNOWEDIT_ROWS if any((d, row, c) in cells for c in ordered)]
+        all_rows[d] = main + list(dict.fromkeys(extra.get(d, [])))
+    return KnowEditTable(datasets, ordered, all_rows, cells, n, pub_cols, notes, owner)
+
+
+def render_knowedit(t: KnowEditTable, chart: str | None = None) -> str:
+    """The table in Markdown, KnowEdit's shape: one row per dataset × metric."""
+    lines = ["# KnowEdit table", "",
+             "Edit Succ., Portability and Locality: EasyEdit's token accuracies ×100; Fluency: ROME's n-gram "
+             "entropy (bits) ×100; rows after the first four are kedit's own (rephrase accuracy, each "
+             f"portability and locality kind). Columns marked *{PUBLISHED_MODEL} (published)* are the values "
+             "of KnowEdit's dataset card, on another model (Llama-2-7b-chat) and the full test sets: they "
+             "frame the scale, they are not the same experiment.", "",
+             "| dataset | metric | " + " | ".join(_md(c) for c in t.columns) + " |",
+             "|---|---|" + "---:|" * len(t.columns)]
+    for d in t.datasets:
+        first = True
+        for row in t.rows[d]:
+            vals = [fmt(t.cells.get((d, row, c))) for c in t.columns]
+            lines.append(("| **" + _md(d) + "** |" if first else "| |") + f" {_md(row)} | " + " | ".join(vals) + " |")
+            first = False
+        lines.append(f"| | n (cases) | " + " | ".join(
+            str(t.n[(d, c)]) if (d, c) in t.n else ("full test set" if c in t.published and
+                                                   any((d, r, c) in t.cells for r in t.rows[d]) else "–")
+            for c in t.columns) + " |")
+    lines += ["", "Data and runs:", ""]
+    for d in t.datasets:
+        lines.append(f"- **{_md(d)}**: {_md(t.notes.get(d) or 'cases file')}")
+        for (dd, c), r in t.runs.items():
+            if dd == d:
+                lines.append(f"  - {_md(c)}: `{r.path}`" + ("" if r.complete else f" ({r.status})"))
+    if chart:
+        lines += ["", f"![the KnowEdit table]({chart})"]
+    return "\n".join(lines) + "\n"
+
+
+def knowedit_chart(t: KnowEditTable, path: str | os.PathLike) -> Path | None:
+    """One panel per dataset × KnowEdit metric, one bar per column (published: hatched)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    panels = [(d, row) for d in t.datasets for row, _, _ in KNOWEDIT_ROWS if row in t.rows[d]]
+    if not panels:
+        return None
+    rows, cols = _grid(len(panels), 4)
+    fig = Figure(figsize=(max(3.4, 0.55 * len(t.columns) + 1.4) * cols, 3.0 * rows + 1.0), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    kedit_cols = [c for c in t.columns if c not in t.published]
+
+    def colour(c: str) -> str:
+        base = c if c not in t.published else next((k for k in kedit_cols if k.split(" · ")[0] == c.split(" · ")[0]), c)
+        return COLOURS[kedit_cols.index(base) % len(COLOURS)] if base in kedit_cols else "#777777"
+
+    for ax, (d, row) in zip(axes.flat, panels):
+        for i, c in enumerate(t.columns):
+            v = t.cells.get((d, row, c))
+            if v is None:
+                continue
+            pub = c in t.published
+            ax.bar(i, v, 0.8, color=colour(c), alpha=0.35 if pub else 1.0, hatch="//" if pub else None,
+                   edgecolor=colour(c))
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_title(f"{d}: {row}", fontsize=10)
+        ax.set_xticks(range(len(t.columns)), [str(i + 1) for i in range(len(t.columns))], fontsize=8)
+        if row != "Fluency":
+            ax.set_ylim(0, 110)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    handles = [Patch(facecolor=colour(c), alpha=0.35 if c in t.published else 1.0,
+                     hatch="//" if c in t.published else None, edgecolor=colour(c), label=f"{i + 1}: {c}")
+               for i, c in enumerate(t.columns)]
+    _key(fig, axes, len(panels), handles, title="columns")
+    fig.suptitle("KnowEdit metrics (×100); hatched: published values on Llama-2-7b-chat", fontsize=12)
+    _save(fig, Path(path))
+    return Path(path)
+
+
+def write_knowedit_table(run_dirs: list[str | os.PathLike | RunSummary], out_dir: str | os.PathLike,
+                         published: bool = True) -> dict[str, Path]:
+    """``knowedit.md`` and ``knowedit.png`` in ``out_dir``; returns what was written."""
+    runs = [d if isinstance(d, RunSummary) else summarize(d) for d in run_dirs]
+    table = knowedit_table(runs, published=published)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if knowedit_chart(table, out / "knowedit.png"):
+        written["chart"] = out / "knowedit.png"
+    write_text(out / "knowedit.md", render_knowedit(table, "knowedit.png" if "chart" in written else None))
+    written["markdown"] = out / "knowedit.md"
     return written
