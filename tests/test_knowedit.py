@@ -187,6 +187,20 @@ def test_round_trip_keeps_aliases(tmp_path):
     assert again[1].portability[0].answers[0] == ("no", "incorrect", "false", "is not alive", "is dead")
 
 
+def test_ground_truth_decides_its_aliases():
+    from dataclasses import replace
+
+    from kedit.data.cases import EditCase
+
+    case = EditCase("a", "{} is in", "Rome", "Asia", "Europe", ground_truth_aliases=("EU", "Europe"))
+    assert case.ground_truth_aliases == ("Europe", "EU")  # the ground truth first, no repeat
+    assert replace(case, ground_truth=None).ground_truth_aliases == ()
+    assert replace(case, ground_truth="Italy").ground_truth_aliases == ("Italy", "Europe", "EU")
+    assert EditCase("b", "{} is in", "Rome", "Asia", "Europe").ground_truth_aliases == ("Europe",)
+    with pytest.raises(CasesError, match="without answers"):
+        PromptSet("k", ("p",), answers=((),))
+
+
 def test_shipped_files_load_whole():
     counts = {"knowedit/zsre-test-all.json": 1301, "knowedit/wiki-counterfact-train.json": 1427,
               "knowedit/wikibio-test-all.json": 306, "portability/zsre-one-hop.json": 1037,

@@ -163,7 +163,6 @@ class EditCase:
     subject: str
     target_new: str
     ground_truth: str | None = None
-    ground_truth_aliases: tuple[str, ...] = ()  # every accepted ground truth, first = ground_truth
     rephrase_prompts: tuple[str, ...] = ()
     locality: tuple[PromptSet, ...] = ()
     portability: tuple[PromptSet, ...] = ()
@@ -171,18 +170,17 @@ class EditCase:
     attribute_prompts: tuple[str, ...] = ()  # ROME layout only; their answer is target_new
     relation_id: str | None = None  # ROME layout only (e.g. "P103"): finds consistency's reference texts
     target_new_id: str | None = None  # ROME layout only (Wikidata id of target_new)
+    ground_truth_aliases: tuple[str, ...] = ()  # every accepted ground truth; the first is ground_truth
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         # Accept lists from code that builds cases directly; store tuples (hashable).
         for name in ("rephrase_prompts", "generation_prompts", "attribute_prompts", "ground_truth_aliases"):
             object.__setattr__(self, name, _tuple_of_str(getattr(self, name)))
-        if self.ground_truth_aliases and self.ground_truth is None:
-            object.__setattr__(self, "ground_truth", self.ground_truth_aliases[0])
-        if self.ground_truth is not None and not self.ground_truth_aliases:
-            object.__setattr__(self, "ground_truth_aliases", (self.ground_truth,))
-        if self.ground_truth_aliases and self.ground_truth_aliases[0] != self.ground_truth:
-            raise CasesError(f"case {self.case_id!r}: ground_truth_aliases must start with ground_truth")
+        # ground_truth decides; the aliases start with it (none without it)
+        gt = self.ground_truth
+        aliases = () if gt is None else (gt, *(a for a in self.ground_truth_aliases if a != gt))
+        object.__setattr__(self, "ground_truth_aliases", aliases)
         for name in ("locality", "portability"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.template.count(PLACEHOLDER) != 1:
@@ -496,6 +494,7 @@ def _parse_prompt_record(rec: dict, default_id: str, source: str) -> EditCase:
         template=template,
         subject=subject,
         target_new=target_new,
+        ground_truth=truths[0] if truths else None,
         ground_truth_aliases=truths,
         rephrase_prompts=rephrase,
         locality=tuple(locality),
@@ -592,6 +591,7 @@ def _parse_zsre_record(rec: dict, default_id: str, source: str) -> EditCase:
         template=template,
         subject=subject,
         target_new=target_new,
+        ground_truth=truths[0] if truths else None,
         ground_truth_aliases=truths,
         rephrase_prompts=rephrase,
         locality=locality,
