@@ -197,6 +197,20 @@ def test_adalora_allocates_the_rank_budget():
     assert all(int((s.tensors["lora_E"] != 0).sum()) == 12 for s in kept.modules.values())
 
 
+@pytest.mark.parametrize("variant", ["adalora", "lora"])
+def test_early_stop_ends_training_once_the_target_nll_is_below_the_threshold(variant):
+    loaded = tiny_model("llama")
+    full = method(loaded, variant=variant, num_steps=40).compute([EditRequest.from_case(CASE)])
+    history = full.meta["loss_history"]
+    threshold = history[10]                       # reached after 10 steps: stop there (the NLL falls)
+    short = method(loaded, variant=variant, num_steps=40, early_stop_loss=threshold * 1.0001
+                   ).compute([EditRequest.from_case(CASE)])
+    steps = short.meta["cases"][0]["steps"]
+    assert steps == next(i for i, h in enumerate(history) if h < threshold * 1.0001) < 40
+    assert short.meta["loss_history"] == history[: steps + 1]
+    assert all(s.config["steps"] == steps for s in short.modules.values())
+
+
 def test_target_modules_and_layers():
     loaded = tiny_model("llama")
     m = method(loaded, layers=[1], target_modules=["up_proj", "down_proj"])

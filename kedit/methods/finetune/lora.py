@@ -41,6 +41,13 @@ dropout masks and a fresh adapter's initialisation are drawn from a generator se
 ``ctx.seed`` and the number of steps the adapter has been trained so far, inside a
 forked RNG: the caller's random state is untouched and a run is reproducible (CPU).
 
+**Early stop** (``early_stop_loss``, kedit's addition; EasyEdit always takes ``num_steps``
+steps): before each step the batch's target NLL (dropout on, regulariser excluded) is
+compared with the threshold, and training ends when it is below.  For AdaLoRA the budget
+schedule still spans ``num_steps``, so an early stop leaves the rank where the schedule was
+(between ``init_rank`` and ``rank``).  ``meta["loss_history"]`` holds that NLL before each
+step.
+
 The edit
 --------
 A :class:`~kedit.methods.edit.ModuleEdit` that puts a :class:`LoraWrapper` (kind
@@ -132,6 +139,7 @@ class LoraParams:
     lr: float = 5e-3
     weight_decay: float = 0.0
     num_steps: int = 70
+    early_stop_loss: float | None = None  # stop once the batch's target NLL is below it (EasyEdit: never)
     # AdaLoRA only
     rank_allocation: bool = True   # false: never prune (EasyEdit's behaviour)
     orth_reg_weight: float = 0.5
@@ -163,6 +171,8 @@ class LoraParams:
             return "key 'weight_decay': must be >= 0"
         if self.num_steps < 1:
             return "key 'num_steps': must be >= 1"
+        if self.early_stop_loss is not None and self.early_stop_loss <= 0:
+            return "key 'early_stop_loss': must be > 0 (or null: always num_steps steps)"
         if self.orth_reg_weight < 0:
             return "key 'orth_reg_weight': must be >= 0"
         if self.variant == "adalora" and not 0 <= self.tinit < self.num_steps - self.tfinal:
@@ -427,19 +437,23 @@ class LoRA(Method):
 
                     params = [q for q in peft_model.parameters() if q.requires_grad]
                     opt = torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
-                    first = None
+                    first, steps = None, 0
                     for step in range(p.num_steps):
                         opt.zero_grad(set_to_none=True)
                         per_row = row_losses()
                         first = per_row.detach().cpu().tolist() if first is None else first
-                        loss = per_row.mean()
+                        nll = per_row.mean()
+                        history.append(nll.item())
+                        if p.early_stop_loss is not None and nll.item() < p.early_stop_loss:
+                            break
+                        loss = nll
                         if p.variant == "adalora" and p.orth_reg_weight > 0:
                             loss = loss + p.orth_reg_weight * self._orth_reg(layers)
-                        history.append(loss.item())
                         loss.backward()
                         opt.step()
                         if p.variant == "adalora" and p.rank_allocation:
                             peft_model.base_model.update_and_allocate(step)
+                        steps += 1
                     for layer in layers.values():
                         layer.lora_dropout[ADAPTER_NAME].eval()
                     with torch.no_grad():
@@ -456,15 +470,15 @@ class LoRA(Method):
 
         seconds = time.perf_counter() - t0
         self.ctx.add_time("finetune", seconds)
-        config = self.wrapper_config(steps_before + p.num_steps)
+        config = self.wrapper_config(steps_before + steps)
         modules = {path: WrapperSpec(LoraWrapper, dict(config), factors[path]) for path in paths}
         ranks = [int((f["lora_E"] != 0).sum()) if "lora_E" in f else int(f["lora_A"].shape[0])
                  for f in factors.values()]
         mean_rank = sum(ranks) / len(ranks)
-        cases = [{"case_id": r.case_id, "steps": p.num_steps, "loss_start": first[i], "loss": final[i],
+        cases = [{"case_id": r.case_id, "steps": steps, "loss_start": first[i], "loss": final[i],
                   "mean_rank": mean_rank} for i, r in enumerate(requests)]
         return ModuleEdit(modules, {"method": self.name, "variant": p.variant, "cases": cases, "modules": len(paths),
-                                    "adapter_steps": steps_before + p.num_steps, "loss_history": history})
+                                    "adapter_steps": steps_before + steps, "loss_history": history})
 
     # --- peft's layers -----------------------------------------------------------
     def _check_layers(self, layers: dict[str, torch.nn.Module]) -> None:
