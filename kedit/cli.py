@@ -218,6 +218,8 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
          stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
          gen_tokens: int = typer.Option(24, "--gen-tokens", help="tokens per before/after generation (0: none)"),
          fmt: str = typer.Option("auto", "--format", help="cases layout: auto | kedit | easyedit | rome | zsre"),
+         editor: Optional[str] = typer.Option(None, "--editor", help="trained methods (mend, serac): the `kedit train` "
+                                              "run to edit with (default: the newest for this model)"),
          device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Edit a model, measure every case before and after, write runs/<id>/."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -231,7 +233,8 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
         case_list = load_cases(cases, fmt)
         loaded = _load(model, device, dtype)
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
-        meth, source = make_method(loaded, method, str(hparams) if hparams else None, parse_sets(set_), ctx)
+        overrides = {**parse_sets(set_), **({"editor": editor} if editor else {})}
+        meth, source = make_method(loaded, method, str(hparams) if hparams else None, overrides, ctx)
     except KeyError as e:
         fail(str(e.args[0]))
     except user_errors() as e:
@@ -643,6 +646,100 @@ def trace(model: str = ModelOpt,
                       f"{sug['rome_layer']}, MEMIT layers {sug['memit_layers']} (configured: ROME "
                       f"{configured['rome_layer']}, MEMIT {configured['memit_layers']})", highlight=False)
     console.print(f"run written to [bold]{run_dir}[/bold]")
+
+
+@app.command()
+def train(method: Optional[str] = typer.Argument(None, help="a trained method: mend | serac"),
+          model: str = ModelOpt,
+          data: str = typer.Option("counterfact", "--data", help="counterfact | zsre | a cases FILE (with rephrasings "
+                                   "and locality prompts)"),
+          steps: Optional[int] = typer.Option(None, "--steps", help="optimiser steps (default: the config's)"),
+          val_every: Optional[int] = typer.Option(None, "--val-every", help="validate every K steps"),
+          hparams: Optional[Path] = typer.Option(None, "--hparams", help="hyperparameter YAML"),
+          set_: list[str] = typer.Option(None, "--set", help="override one hyperparameter: key=value"),
+          out: Path = typer.Option(Path("runs"), "--out", help="where the training run directory goes"),
+          resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted training run"),
+          seed: int = typer.Option(0, "--seed"),
+          device: str = DeviceOpt, dtype: str = DtypeOpt):
+    """Train an editor (MEND, SERAC) for a model: a run directory with the curve, checkpoints and the editor."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from kedit.config import check_layers, resolve_params
+    from kedit.methods.learned.trainer import (cases_from_split, new_run_dir, read_config, run_config,
+                                               settings_from, train_editor, training_split, write_config)
+    from kedit.methods.registry import get_method
+    from kedit.util.atomic import write_text
+
+    try:
+        if resume:
+            cfg = read_config(resume)
+            method, data, seed = cfg["method"], cfg["data"], cfg["seed"]
+            model, device, dtype = cfg["model"]["name"], cfg["model"]["device"], cfg["model"]["dtype"]
+            overrides, hparams = cfg["hparams"], None
+        elif method is None:
+            fail("give a method (mend | serac) or --resume RUN")
+        else:
+            overrides = parse_sets(set_)
+            overrides.update({k: v for k, v in (("steps", steps), ("val_every", val_every)) if v is not None})
+        cls = get_method(method)
+        if not hasattr(cls, "learner"):
+            fail(f"method '{method}' is not trained (kedit train takes a learned editor: mend, serac)")
+        loaded = _load(model, device, dtype)
+        source = cfg["hparams_source"] if resume else (str(hparams) if hparams else None)
+        params, source = resolve_params(cls, loaded.name, loaded.adapter, None if resume else source, overrides)
+        check_layers(params, loaded.adapter, source, set(overrides))
+        if resume:
+            if cfg["model"]["fingerprint"] != loaded.fingerprint:
+                fail(f"--resume {resume}: the run trains for model fingerprint {cfg['model']['fingerprint']}, "
+                     f"'{model}' now has {loaded.fingerprint}")
+            split = cases_from_split(data, json.loads((Path(resume) / "split.json").read_text()))
+            run_dir = Path(resume)
+        else:
+            split = training_split(data, params.val_cases, params.max_train)
+        learner = cls.learner(loaded, params, seed)
+        if not resume:
+            config = run_config(method, loaded, params, source, data, seed)
+            run_dir = new_run_dir(out, method, loaded.name, config)
+            write_config(run_dir, config)
+            write_text(run_dir / "split.json", json.dumps(split.info, indent=1) + "\n")
+    except KeyError as e:
+        fail(str(e.args[0]))
+    except user_errors() as e:
+        fail(str(e))
+    settings = settings_from(params, seed)
+    _say(f"train {method} for {loaded.name} ({loaded.device}): {len(split.train)} training cases, "
+         f"{len(split.val)} validation cases ({data}); {settings.steps} steps of {settings.batch_size} -> {run_dir}")
+    try:
+        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task("", total=settings.steps)
+
+            def on_step(step: int, total: int, info: dict) -> None:
+                losses = "  ".join(f"{k.replace('_', ' ')} {v:.3g}" for k, v in info.items() if k.startswith("loss"))
+                bar.update(task, completed=step, description=losses)
+
+            def say(msg: str) -> None:
+                bar.console.print(f"[dim]{msg}[/dim]", highlight=False)
+
+            summary = train_editor(learner, split, run_dir, settings, {"name": loaded.name,
+                                   "fingerprint": loaded.fingerprint}, resume=bool(resume), progress=on_step, say=say)
+    except KeyboardInterrupt:
+        err.print(f"interrupted: resume with  kedit train --resume {run_dir}")
+        raise typer.Exit(130)
+    except user_errors() as e:
+        fail(str(e))
+    t = Table(title=f"{method} editor for {loaded.name}: {summary['steps']} steps ({summary['stopped']}), "
+                    f"best at step {summary['best_step']} (validation, {summary['val_cases']} cases)")
+    keys = [k for k in (summary["best"] or {}) if k not in ("step", "kind")]
+    t.add_column("validation")
+    for col in ("untrained", "best", "last"):
+        t.add_column(col, justify="right")
+    for k in keys:
+        t.add_row(k, *(_fmt((summary[c] or {}).get(k)) for c in ("untrained", "best", "last")))
+    console.print(t)
+    console.print(f"run: [bold]{run_dir}[/bold]  (curve.png; edit with  --method {method} --editor {run_dir})")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -26,6 +26,8 @@ TINY = {
     "emmet": {"layers": [1, 2], "mom2_update_weight": 1.0, "emmet_lambda": 1e-6, **LOCATE},
     "ft_l": {"layers": [1], "lr": 0.05, "num_steps": 10},
     "ft_m": {"layers": [1], "lr": 0.05, "num_steps": 10},
+    "mend": {"layers": [1, 2], "rank": 8, "edit_lr": 1.0, "editor": "untrained"},
+    "serac": {"cls_layer": 1, "cls_hidden": 16, "cls_dim": 8, "cntr_rank": 2, "editor": "untrained"},
 }
 
 CASES = [EditCase(case_id=f"c{i}", template=t, subject=s, target_new=" of", ground_truth=" the",

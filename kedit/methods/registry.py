@@ -16,6 +16,7 @@ METHOD_MODULES = (
     "kedit.methods.finetune.lora",                                        # adapter
     "kedit.methods.memory.grace", "kedit.methods.memory.wise",            # memory
     "kedit.methods.context.ike",                                          # context
+    "kedit.methods.learned.mend", "kedit.methods.learned.serac",          # trained editors
 )
 KINDS = ("weights", "adapter", "memory", "context")
 
