@@ -52,6 +52,12 @@ EASYEDIT_KEYS = {
     "weight_decay": "weight_decay",
     "norm_constraint": "norm_constraint",
     "objective_optimization": "objective",
+    # LoRA / AdaLoRA (methods/finetune/lora.py): lora_type adalora|lora is kedit's variant
+    "lora_type": "variant",
+    "rank": "rank",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "target_modules": "target_modules",
 }
 # EasyEdit keys whose ``false`` means "off", which kedit spells null.
 EASYEDIT_FALSE_IS_NULL = {"norm_constraint"}

@@ -132,3 +132,14 @@ def test_a_layer_the_model_does_not_have_is_one_config_error():
         make_method(loaded, "memit", overrides={"layers": [n - 1, n]})
     method, _ = make_method(loaded, "rome", overrides={"layer": n - 1})
     assert method.params.layer == n - 1
+
+
+def test_easyedit_lora_yaml_is_accepted_unchanged(tmp_path):
+    f = tmp_path / "llama-7b.yaml"
+    f.write_text('alg_name: "LoRA"\nmodel_name: "./hugging_cache/llama-2-7b"\ndevice: 0\nlora_type: "adalora"\n'
+                 'layers: []\nnum_steps: 70\nbatch_size: 1\nmax_length: 30\nlr: 5e-3\nweight_decay: 0\n'
+                 'kl_factor: 0\nrank: 8\nlora_alpha: 32\nlora_dropout: 0.1\nnorm_constraint: false\n'
+                 'target_modules: ["q_proj", "v_proj"]\nmodel_parallel: False\n')
+    p = load_params(get_method("lora").Params, f, tiny_model("llama").adapter)
+    assert (p.variant, p.rank, p.lora_alpha, p.lora_dropout, p.lr, p.num_steps) == ("adalora", 8, 32, 0.1, 5e-3, 70)
+    assert p.target_modules == ("q_proj", "v_proj") and p.layers == () and p.norm_constraint is None
