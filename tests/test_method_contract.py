@@ -26,6 +26,11 @@ TINY = {
     "emmet": {"layers": [1, 2], "mom2_update_weight": 1.0, "emmet_lambda": 1e-6, **LOCATE},
     "ft_l": {"layers": [1], "lr": 0.05, "num_steps": 10},
     "ft_m": {"layers": [1], "lr": 0.05, "num_steps": 10},
+    "lora": {"num_steps": 20, "lr": 0.05},
+    "grace": {"layer": 1, "n_iter": 40, "eps": 1e-4},
+    "wise": {"layer": 1, "edit_lr": 30.0, "n_iter": 25, "act_margin": [0.5, 3.0, 2.0], "norm_constraint": None,
+             "context_template_length_params": [[3, 2]]},
+    "ike": {"k": 2, "max_context_tokens": 200},
     "mend": {"layers": [1, 2], "rank": 8, "edit_lr": 1.0, "editor": "untrained"},
     "serac": {"cls_layer": 1, "cls_hidden": 16, "cls_dim": 8, "cntr_rank": 2, "editor": "untrained"},
 }
