@@ -339,7 +339,8 @@ def plot_curve(points: Sequence[dict[str, Any]], path: Path, title: str) -> None
     train = [p for p in points if p["kind"] == "train"]
     val = [p for p in points if p["kind"] == "val"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, style in (("loss", "-"), ("loss_edit", "--"), ("loss_loc", ":")):
+    losses = [k for k in dict.fromkeys([*(train[0] if train else {}), *(val[0] if val else {})]) if k.startswith("loss")]
+    for key, style in zip(losses, ("-", "--", ":", "-.") * 3):
         if train and key in train[0]:
             a.plot([p["step"] for p in train], [p[key] for p in train], style, color="C0", label=f"train {key}")
         if val and key in val[0]:
@@ -349,7 +350,8 @@ def plot_curve(points: Sequence[dict[str, Any]], path: Path, title: str) -> None
     a.set_ylabel("loss")
     a.set_yscale("log")
     a.legend(fontsize=7)
-    for key, color in (("edit_success", "C3"), ("rewrite", "C2"), ("rephrase", "C4"), ("locality", "C5")):
+    for key, color in (("edit_success", "C3"), ("rewrite", "C2"), ("rephrase", "C4"), ("locality", "C5"),
+                       ("cls_pos_acc", "C6"), ("cls_neg_acc", "C7")):
         if val and key in val[0]:
             b.plot([p["step"] for p in val], [p[key] for p in val], marker="o", ms=3, color=color, label=key)
     b.set_xlabel("step")
