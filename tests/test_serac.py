@@ -169,3 +169,25 @@ def test_saved_editor_reloads_to_identical_edits(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = learner.module().state_dict()
     assert all(torch.equal(a[k], state[k].cpu()) for k in state)
+
+
+def test_kedit_edit_writes_a_run_of_several_serac_edits(tmp_path, monkeypatch):
+    from tiny import save_tiny_model_dir
+    from typer.testing import CliRunner
+
+    from kedit.cli import app
+    from kedit.runs.result import EDIT_FILE
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
+    model = save_tiny_model_dir(tmp_path / "model", "llama")
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text("".join(json.dumps({"case_id": f"x{i}", "prompt": f"A fact about {s} is", "subject": s,
+                                         "target_new": "of", "ground_truth": "the"}) + "\n"
+                             for i, s in enumerate(["France", "Tokyo"])))
+    hp = tmp_path / "serac.yaml"
+    hp.write_text("cls_layer: 1\ncls_hidden: 16\ncls_dim: 8\ncntr_rank: 2\neditor: untrained\n")
+    res = CliRunner().invoke(app, ["edit", str(cases), "--method", "serac", "--model", str(model), "--device", "cpu",
+                                   "--hparams", str(hp), "--out", str(tmp_path / "runs"), "--gen-tokens", "4"])
+    assert res.exit_code == 0, res.output
+    (run,) = list((tmp_path / "runs").iterdir())
+    assert (run / EDIT_FILE).exists() and (run / "metrics.json").exists()

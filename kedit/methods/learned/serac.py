@@ -565,7 +565,8 @@ class SERAC(Method):
         ctx_ids, _ = pad_batch(all_ids, 0, side="right")
         tensors = {"ctx_ids": ctx_ids, "ctx_len": torch.tensor([len(s) for s in all_ids], dtype=torch.long),
                    "keys": torch.cat([keys_old, keys_new]),
-                   **{k: v for k, v in self._state.items() if k.startswith(("cls.", "cntr."))}}
+                   # copies: every edit owns its tensors (a run file holds many edits; no shared storage)
+                   **{k: v.clone() for k, v in self._state.items() if k.startswith(("cls.", "cntr."))}}
         self.ctx.add_time("serac", time.perf_counter() - t0)
         cases = [{"case_id": r.case_id, "memory_size": len(all_ids)} for r in requests]
         return ModuleEdit({path: WrapperSpec(SeracWrapper, cfg, tensors)},
