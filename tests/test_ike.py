@@ -194,6 +194,9 @@ def test_context_text_exactly(pool):
     edit = ike(loaded, pool, separator="newline", proportions=[0, 1, 0]).compute([EDIT])
     assert edit.text == ("New Fact: The Colosseum is located in Rome\nPrompt:\nThe Colosseum can be found in Rome\n\n"
                          "New Fact: The Eiffel Tower is located in Rome\nPrompt:\n")
+    edit = ike(loaded, pool, separator="none", proportions=[1, 0, 0]).compute([EDIT])
+    assert edit.text == ("New Fact: The Colosseum is located in Rome\nPrompt:The Colosseum is located in Rome\n\n"
+                         "New Fact: The Eiffel Tower is located in Rome\nPrompt:")
     assert ike(loaded, pool, k=0).compute([EDIT]).text == tail
 
 
@@ -204,6 +207,9 @@ def test_three_kinds_nearest_last(pool):
     facts = [b.split("\n")[0] for b in blocks[:-1]]
     assert facts == ["New Fact: Tokyo is located in Japan", "New Fact: The Louvre is located in Paris",
                      "New Fact: The Colosseum is located in Rome"]              # farthest first, nearest last
+    first = ike(tiny_model("llama"), pool, k=3, proportions=[1, 1, 1], max_context_tokens=1000,
+                order="nearest_first").compute([EDIT])
+    assert [b.split("\n")[0] for b in first.text.split("\n\n")[:-1]] == facts[::-1]     # EasyEdit's order
     kinds = {d.split(":")[1] for d in edit.meta["cases"][0]["demos"]}
     assert kinds == {"copy", "update", "retain"}
     options = {  # the demonstrations each case can give, by kind
@@ -240,7 +246,7 @@ def test_clean_paraphrase():
 
 
 @pytest.mark.parametrize("bos", [False, True])
-@pytest.mark.parametrize("separator", ["space", "newline"])
+@pytest.mark.parametrize("separator", ["space", "newline", "none"])
 def test_tokenisation_boundary(pool, bos, separator):
     """Context ids + the input's ids (as kedit tokenises it alone) == the ids of the one string."""
     loaded = tiny_model("llama", bos=bos)

@@ -273,20 +273,27 @@ def test_compute_reads_the_installed_state_and_merges_shards_by_ties():
         assert w.last_route.tolist() == [0]
 
 
-def test_irrelevant_prompt_is_deterministic_and_never_the_edits_own_case(tmp_path):
+def test_irrelevant_prompts_are_deterministic_and_never_the_edits_own_case(tmp_path):
     records = [{"src": "What is A?", "loc": "nq question: q0", "loc_ans": "a0"},
                {"src": EDIT_PROMPT, "loc": "nq question: own", "loc_ans": "own"},
-               {"src": "What is B?", "loc": "nq question: q2", "loc_ans": "a2"}]
+               {"src": "What is B?", "loc": "nq question: q2", "loc_ans": "a2"},
+               {"src": "What is C?", "loc": "nq question: q3", "loc_ans": "a3"}]
     path = tmp_path / "pool.json"
     path.write_text(json.dumps(records))
     loaded = tiny_model("llama")
     req = EditRequest.from_case(CASE)
-    picks = {seed: [method(loaded, seed=seed, irrelevant_data=str(path)).irrelevant_text(req, n) for n in range(40)]
-             for seed in (0, 1)}
-    again = [method(loaded, seed=0, irrelevant_data=str(path)).irrelevant_text(req, n) for n in range(40)]
-    assert again == picks[0] and picks[0] != picks[1]
-    assert all("own" not in t for ts in picks.values() for t in ts)
-    assert {t for ts in picks.values() for t in ts} == {"nq question: q0 a0", "nq question: q2 a2"}
+
+    def picks(seed, k=1):
+        m = method(loaded, seed=seed, irrelevant_data=str(path), n_irrelevant=k)
+        return [m.irrelevant_texts(req, n) for n in range(40)]
+
+    assert picks(0) == picks(0) and picks(0) != picks(1)
+    two = picks(0, k=2)
+    assert all(len(set(t)) == 2 for t in two)
+    drawn = {t for ts in [*picks(0), *picks(1), *two] for t in ts}
+    assert drawn == {"nq question: q0 a0", "nq question: q2 a2", "nq question: q3 a3"}
+    with pytest.raises(ValueError, match="fewer than 4"):
+        method(loaded, irrelevant_data=str(path), n_irrelevant=4).irrelevant_texts(req, 0)
 
 
 def test_sequential_resume_equals_uninterrupted(tmp_path, monkeypatch):

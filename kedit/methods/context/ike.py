@@ -23,8 +23,8 @@ The kinds come in the paper's proportions copy : update : retain = 1 : 3 : 4
 for other k, the kinds shuffled over the retrieved demonstrations (seeded: the run's seed
 and the edited cases' ids).  The demonstrations are the k pool cases nearest to f (a
 k-nearest-neighbour search on the fact sentence, ``retrieval``), ordered with the
-nearest *last*, next to the query (the authors' code reverses the ranking; EasyEdit keeps
-nearest first).  The paraphrase / neighbour of an update / retain demonstration is drawn
+nearest *last*, next to the query (``order: nearest_last``: the authors' code reverses
+the ranking; ``nearest_first`` is EasyEdit's order).  The paraphrase / neighbour of an update / retain demonstration is drawn
 from the case's (seeded, as the authors' ``random.choice``); a pool case without one
 becomes a copy demonstration.
 
@@ -64,7 +64,8 @@ the model reads "Prompt:BBC One, by" -- the same ids as that one string (":" nev
 merges with a letter); a SentencePiece tokenizer (LLaMA-2) prefixes a space, so it reads
 "Prompt: BBC One, by", IKE's text exactly.  With ``separator: newline`` every "Prompt:" is
 followed by a line break (demonstrations too) and the input starts a line, tokenised as
-the first word of a line always is.  ``meta["boundary"]`` records, per compute, whether
+the first word of a line always is.  ``separator: none`` writes the demonstrations as a
+byte-level BPE shows the query ("Prompt:BBC One, by Sega").  ``meta["boundary"]`` records, per compute, whether
 context + input ids equal the ids of the one string (``exact``), of the string with one
 space between (``space``), or neither (``mismatch``, with a warning).  A tokenizer that
 adds a BOS gives the context its BOS; the input's own BOS then follows the context
@@ -96,7 +97,8 @@ Deviations from EasyEdit (``easyeditor/models/ike``) -- kedit follows the paper 
   nearest *cases* and fixes the mix to the paper's 1:3:4.
 * EasyEdit's k is 16, the paper's 32 (``k``; the SmolLM2 default was chosen by
   experiment, see ``configs/methods/ike/smollm2-135m.yaml``).
-* EasyEdit puts the nearest demonstration first; the paper's code, and kedit, last.
+* EasyEdit puts the nearest demonstration first; the paper's code, and kedit by default,
+  last (``order``).
 * EasyEdit evaluates locality against a reference that already holds the "New Fact"
   line (its pre-edit locality input is the new fact and the prompt, without
   demonstrations); kedit's reference is the model without any context, as for every
@@ -132,7 +134,7 @@ KINDS = (COPY, UPDATE, RETAIN)
 FACT_LABEL = "New Fact: "
 PROMPT_LABEL = "Prompt:"
 #: what follows "Prompt:" in a demonstration, and what ends the context, per separator
-SEPARATORS = {"space": (" ", ""), "newline": ("\n", "\n")}
+SEPARATORS = {"space": (" ", ""), "newline": ("\n", "\n"), "none": ("", "")}
 
 
 def default_pool() -> Path:
@@ -146,7 +148,8 @@ class IkeParams:
     encoder: str | None = None                    # a local sentence-transformers directory
     pool: str | None = None                       # a cases file; null: the shipped CounterFact train pool
     proportions: tuple[int, int, int] = (1, 3, 4)  # copy : update : retain
-    separator: Literal["space", "newline"] = "space"
+    separator: Literal["space", "newline", "none"] = "space"
+    order: Literal["nearest_last", "nearest_first"] = "nearest_last"   # the paper's code / EasyEdit's
     max_context_tokens: int | None = None         # null: the model's positions minus max(half, 512)
 
     def check(self) -> str | None:
@@ -471,20 +474,20 @@ class IKE(Method):
                 "fact": join(r.prompt, r.target_new)[0]} for r in requests]
         facts = self.facts + new
         tail = final_block([f["fact"] for f in facts], p.separator)
-        # nearest last: the ranking reversed; when too long, the farthest go first
-        order = list(range(len(demos)))[::-1]
+        # demos are nearest first; when the context is too long the farthest go first
+        keep = len(demos)
         limit = self.context_limit()
-        dropped = 0
         while True:
+            order = list(range(keep))[::-1] if p.order == "nearest_last" else list(range(keep))
             text = "".join(demos[i] for i in order) + tail
             ids = self.encode(text)
             if limit is None or len(ids) <= limit:
                 break
-            if not order:
+            if keep == 0:
                 raise ValueError(f"ike: the {len(facts)} facts alone take {len(ids)} context tokens, more than "
                                  f"max_context_tokens {limit} (fewer sequential edits, or raise the limit)")
-            order.pop(0)
-            dropped += 1
+            keep -= 1
+        dropped = len(demos) - keep
         boundary = self.boundary(text, ids, [r.prompt for r in requests])
         if boundary == "mismatch":
             self.ctx.say("ike: warning: the tokenizer merges the context's end with the input; the model "

@@ -56,14 +56,15 @@ Training one edit
 -----------------
 The edit prompt is put after each context prefix (``context_templates``, EasyEdit's
 ``[[5, 5], [10, 5]]``: the bare prompt and ten short generated prefixes), followed by the
-target: rows ``e_1..e_R``.  One *irrelevant* input ``x_i`` is a natural question with its
-answer (``loc + " " + loc_ans``, the NQ questions of the shipped zsRE file, as EasyEdit
-feeds its ``loc_prompts``), drawn deterministically from ``(seed, edit number, prompt)``
-and never the edit's own case.  Only the current shard's ``ΔW`` is trained:
+target: rows ``e_1..e_R``.  The *irrelevant* inputs ``x_1..x_K`` (``n_irrelevant``; EasyEdit
+uses one per edit) are natural questions with their answers (``loc + " " + loc_ans``, the
+NQ questions of the shipped zsRE file, as EasyEdit feeds its ``loc_prompts``), drawn
+without replacement and deterministically from ``(seed, edit number, case)``, never the
+edit's own case.  Only the current shard's ``ΔW`` is trained:
 
     L = (1/R) Σ_r NLL_r + L_act,
     NLL_r = −(1/m) Σ_j log p_{W'}(y_j | e_r, y_<j)          (target tokens only)
-    L_act = [Δ(x_i) − α]₊ + mean⁺_r [β − Δ(e_r)]₊ + mean⁺_r [γ − (Δ(e_r) − Δ(x_i))]₊
+    L_act = mean⁺_k [Δ(x_k) − α]₊ + mean⁺_r [β − Δ(e_r)]₊ + mean⁺_{r,k} [γ − (Δ(e_r) − Δ(x_k))]₊
 
 (the paper's Eq. for the routing loss, α, β, γ = ``act_margin``; ``mean⁺`` is the mean
 over the terms that are positive, 0 if none, as EasyEdit averages the violated margins).
@@ -81,7 +82,7 @@ Cheap steps: the projection's input ``a_t`` does not depend on ``W'``, so one fo
 pass (main memory) records ``a_t`` for every row and the residual stream ``h`` leaving
 block ``layer``; a step then feeds ``h + ΔW a`` to the blocks above (``hooks.replay_from``),
 stops after the last block, and applies the final norm and the head at the target
-positions only.  The irrelevant row needs no forward at all, only ``Δ(x_i)``.
+positions only.  The irrelevant rows need no forward at all, only ``Δ(x_k)``.
 
 Shards and merging (EasyEdit's WISE-Merge)
 ------------------------------------------
@@ -176,6 +177,7 @@ class WiseParams:
     objective_optimization: Literal["only_label"] = "only_label"
     context_template_length_params: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))
     irrelevant_data: str | None = None     # JSON array with 'loc'/'loc_ans' (default: the shipped zsRE file)
+    n_irrelevant: int = 1                  # irrelevant inputs per edit (EasyEdit: 1)
 
     def check(self) -> str | None:
         if self.edit_lr <= 0:
@@ -198,6 +200,8 @@ class WiseParams:
             return "key 'norm_constraint': must be > 0 (or null for no bound)"
         if self.weight_decay < 0:
             return "key 'weight_decay': must be >= 0"
+        if self.n_irrelevant < 1:
+            return "key 'n_irrelevant': must be >= 1"
         return None
 
 
@@ -433,14 +437,17 @@ class Wise(Method):
                 raise ValueError(f"{path}: WISE needs at least two records with 'loc' questions")
         return self._pool
 
-    def irrelevant_text(self, request: EditRequest, count: int) -> str:
-        """The irrelevant input of edit number ``count``: a record of the pool drawn from
-        ``(seed, count, case id, prompt)``, never one whose question is the edit's prompt."""
+    def irrelevant_texts(self, request: EditRequest, count: int) -> list[str]:
+        """The irrelevant inputs of edit number ``count``: ``n_irrelevant`` records of the pool
+        drawn without replacement from ``(seed, count, case id, prompt)``, never one whose
+        question is the edit's prompt."""
         own = request.prompt.strip()
         pool = [text for text, src in self.irrelevant_pool() if src.strip() != own]
-        if not pool:
-            raise ValueError(f"case {request.case_id}: no irrelevant question other than the case's own")
-        return pool[random.Random(_seed_int(self.ctx.seed, count, request.case_id, request.prompt)).randrange(len(pool))]
+        if len(pool) < self.params.n_irrelevant:
+            raise ValueError(f"case {request.case_id}: fewer than {self.params.n_irrelevant} irrelevant questions "
+                             "other than the case's own")
+        rng = random.Random(_seed_int(self.ctx.seed, count, request.case_id, request.prompt))
+        return [pool[i] for i in rng.sample(range(len(pool)), self.params.n_irrelevant)]
 
     def prepare(self) -> None:
         self.adapter.check_layer(self.params.layer)
@@ -478,7 +485,7 @@ class Wise(Method):
                                          "count": state.count, "merges": state.merges,
                                          "threshold": p.act_ratio * state.min_act})
 
-    def _rows(self, request: EditRequest, count: int) -> tuple[list[Row], Row]:
+    def _rows(self, request: EditRequest, count: int) -> tuple[list[Row], list[Row]]:
         tok = self.loaded.tokenizer
         rows = []
         for tmpl in context_templates(self.loaded, self.params.context_template_length_params, seed=self.ctx.seed):
@@ -486,8 +493,11 @@ class Wise(Method):
             if pt.target_start < 1:
                 raise ValueError(f"case {request.case_id}: empty prompt, nothing to condition the target on")
             rows.append(Row(0, pt.input_ids, pt.target_start - 1, pt.target_start, pt.target_end))
-        ids = tuple(int(t) for t in tok(self.irrelevant_text(request, count))["input_ids"])
-        return rows, Row(0, ids, len(ids) - 1, kind="irrelevant")
+        irrelevant = []
+        for text in self.irrelevant_texts(request, count):
+            ids = tuple(int(t) for t in tok(text)["input_ids"])
+            irrelevant.append(Row(0, ids, len(ids) - 1, kind="irrelevant"))
+        return rows, irrelevant
 
     def _edit_one(self, state: WiseState, request: EditRequest) -> dict:
         p, loaded, adapter, model = self.params, self.loaded, self.adapter, self.loaded.model
@@ -500,7 +510,7 @@ class Wise(Method):
         mask, start_delta = state.shard
 
         rows, irrelevant = self._rows(request, state.count)
-        all_rows = [*rows, irrelevant]
+        all_rows = [*rows, *irrelevant]
         ids, attn = batch_tensors(all_rows, pad_id(loaded.tokenizer), device)
         valid = attn.bool()
         n = len(rows)
@@ -554,17 +564,17 @@ class Wise(Method):
         for it in range(p.n_iter + 1):
             change_e = F.linear(a_edit, delta)
             s_e = _masked_mean_norm(change_e, valid_e)
-            s_i = _masked_mean_norm(F.linear(a_irr, delta), valid_i)[0]
+            s_i = _masked_mean_norm(F.linear(a_irr, delta), valid_i)
             loss_nll = nll(h0 + change_e.to(h0.dtype))
-            loss_act = ((s_i - alpha).clamp_min(0) + _hinge_mean(beta - s_e)
-                        + _hinge_mean(gamma - (s_e - s_i)))
+            loss_act = (_hinge_mean(s_i - alpha) + _hinge_mean(beta - s_e)
+                        + _hinge_mean(gamma - (s_e[:, None] - s_i[None, :])))
             loss = loss_nll + loss_act
             history.append(float(loss.detach()))
             trace.append([round(float(loss_nll.detach()), 4), round(float(s_e.detach().mean()), 3),
-                          round(float(s_i.detach()), 3)])
+                          round(float(s_i.detach().mean()), 3)])
             if first is None:
                 first = {"loss": history[0], "nll": float(loss_nll.detach()), "act_edit": float(s_e.detach().mean()),
-                         "act_irrelevant": float(s_i.detach())}
+                         "act_irrelevant": float(s_i.detach().mean())}
             done = (len(history) > 1 and history[-1] <= p.early_stop_loss
                     and abs(history[-1] - history[-2]) <= p.early_stop_delta)
             if done or steps == p.n_iter:
@@ -580,7 +590,7 @@ class Wise(Method):
         delta = delta.detach()
         with torch.no_grad():
             act_edit = float(_masked_mean_norm(F.linear(a_edit, delta), valid_e).mean())
-            act_irr = float(_masked_mean_norm(F.linear(a_irr, delta), valid_i)[0])
+            act_irr = float(_masked_mean_norm(F.linear(a_irr, delta), valid_i).mean())
         state.shard = (mask, delta)
         state.min_act = min(state.min_act, act_edit)
         shard_no = state.count // p.save_freq
