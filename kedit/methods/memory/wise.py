@@ -115,6 +115,7 @@ Where EasyEdit differs, and what kedit does
   shrinks with the number of steps).
 * Early stopping is checked on the current and previous loss (EasyEdit: on the two
   previous ones); the recorded score is that of the final ``ΔW``.
+* ``n_irrelevant`` irrelevant inputs per edit (EasyEdit: one); 1 gives EasyEdit's loss.
 * One edit per step: a batch of requests is edited one after another into the state.
 
 State
