@@ -18,6 +18,8 @@ err = Console(stderr=True)
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="model name (kedit models), HF directory, .gguf file or hub id")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
+# kedit.data.cases.FORMATS, written out so that --help does not import the data layer
+FORMAT_HELP = "cases layout: auto | kedit | easyedit | rome | zsre | knowedit | wikibio"
 
 
 def fail(msg: str) -> None:
@@ -78,7 +80,7 @@ def parse_sets(items: list[str]) -> dict:
 
 @app.command()
 def validate(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
-             fmt: str = typer.Option("auto", "--format", help="auto | kedit | easyedit | rome | zsre")):
+             fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP)):
     """Check an edit-cases file without loading a model."""
     from kedit.data.cases import validate_cases
 
@@ -217,7 +219,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
          seed: int = typer.Option(0, "--seed"),
          stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
          gen_tokens: int = typer.Option(24, "--gen-tokens", help="tokens per before/after generation (0: none)"),
-         fmt: str = typer.Option("auto", "--format", help="cases layout: auto | kedit | easyedit | rome | zsre"),
+         fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
          editor: Optional[str] = typer.Option(None, "--editor", help="trained methods (mend, serac): the `kedit train` "
                                               "run to edit with (default: the newest for this model)"),
          device: str = DeviceOpt, dtype: str = DtypeOpt):
@@ -580,7 +582,7 @@ def trace(model: str = ModelOpt,
           seed: int = typer.Option(0, "--seed"),
           batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="tokens per forward pass"),
           out: Path = typer.Option(Path("runs"), "--out", help="where run directories go"),
-          fmt: str = typer.Option("auto", "--format", help="cases layout: auto | kedit | easyedit | rome | zsre"),
+          fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
           device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Causal tracing (ROME): which layers' states carry the fact; heatmaps and the layer to edit."""
     import time

@@ -21,6 +21,16 @@ def test_help_lists_the_commands():
         assert cmd in out
 
 
+def test_format_help_names_every_layout_the_reader_knows():
+    from kedit.cli import FORMAT_HELP
+    from kedit.data.cases import FORMATS
+
+    assert FORMAT_HELP.split(": ", 1)[1].split(" | ") == list(FORMATS)
+    for cmd in ("validate", "edit", "trace"):
+        out = runner.invoke(app, [cmd, "--help"], terminal_width=200).output
+        assert "knowedit" in out and "wikibio" in out, cmd
+
+
 def test_validate_ok_and_bad_input_is_one_line_with_exit_2(tmp_path):
     ok = runner.invoke(app, ["validate", "cases/anchor-31.jsonl"])
     assert ok.exit_code == 0 and "31 cases (easyedit layout)" in ok.output
