@@ -24,6 +24,7 @@ from kedit.evaluation.fluency import fixed_length_samples, generation_metrics
 from kedit.runs.bench import BenchError, get_benchmark, load_benchmark
 from kedit.runs.report import knowedit_table, published_knowedit, render_knowedit, summarize
 from kedit.runs.rundir import read_results
+from kedit.runs.runner import metrics_summary
 
 runner = CliRunner()
 BENCH = Path(__file__).resolve().parents[1] / "kedit" / "data" / "benchmarks"
@@ -358,6 +359,9 @@ def test_aggregate_per_kind_over_the_cases_that_have_it():
     assert not any(k.startswith("n.") for k in agg["mean"])
     assert list(agg["mean"]) == ["rewrite_acc", "portability_acc", "portability_acc.Reasoning",
                                  "portability_acc.Subject_Aliasing"]
+    # metrics.json carries the prompt totals beside the case counts
+    summary = metrics_summary([{"pre": m, "post": m} for m in per_case])
+    assert summary["prompts"] == agg["prompts"] and summary["count"]["post"] == agg["count"]
 
 
 # ----------------------------------------------------------------------------- benchmarks

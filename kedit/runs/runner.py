@@ -41,6 +41,9 @@ def metrics_summary(records: Sequence[dict]) -> dict:
         out["post_immediate"] = imm["mean"]
         out["stderr"]["post_immediate"] = imm["stderr"]
         out["count"]["post_immediate"] = imm["count"]
+    # prompts behind each per-kind metric (n.<name>, summed over cases); the same pre and post
+    if "prompts" in post or "prompts" in pre:
+        out["prompts"] = post.get("prompts") or pre["prompts"]
     return out
 
 
