@@ -27,6 +27,15 @@ def fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def at_least(low: int, **options: int | None) -> None:
+    """Refuse any integer option below ``low`` (``None``: not given) with the one-line error;
+    the keyword is the option's name without dashes (``batch_size`` -> ``--batch-size``)."""
+    for name, value in options.items():
+        if value is not None and value < low:
+            opt = "-n" if name == "n" else "--" + name.replace("_", "-")
+            fail(f"{opt} {value}: must be at least {low}")
+
+
 def user_errors():
     """Exceptions that are the user's input, reported as one line with exit status 2."""
     from kedit.data.cases import CasesError
@@ -142,6 +151,7 @@ def stats(model: str = ModelOpt,
     """Second moments E(k kᵀ) of MLP keys per layer, computed in one pass and cached."""
     from kedit.methods.core.stats import get_stats, stats_report
 
+    at_least(1, samples=samples, max_length=max_length)
     try:
         loaded = _load(model, device, dtype)
         wanted = parse_layers(layers)
@@ -231,6 +241,8 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
     from kedit.methods.base import RunContext
     from kedit.runs.runner import run_edits
 
+    at_least(1, batch_size=batch_size)
+    at_least(0, gen_tokens=gen_tokens)
     try:
         case_list = load_cases(cases, fmt)
         loaded = _load(model, device, dtype)
@@ -317,6 +329,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             if benchmark is None:
                 fail("give a benchmark (counterfact | zsre | knowedit | portability) or --resume RUN_DIR")
             overrides = parse_sets(set_)
+        at_least(1, n=n, batch_size=batch_size, checkpoint_every=checkpoint_every, gen_tokens=gen_tokens)
+        at_least(0, offset=offset)
         if checkpoint_every is not None and not sequential:
             fail("--checkpoint-every needs --sequential")
         if (reference or gen_tokens != 100) and not generation:
@@ -451,8 +465,7 @@ def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (
 
     if (run is None) == (cases is None):
         fail("give a run directory or --cases FILE (not both)")
-    if max_new_tokens < 1:
-        fail(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    at_least(1, max_new_tokens=max_new_tokens)
     if sample and not temperature > 0:
         fail(f"--temperature {temperature}: must be > 0")
     try:
@@ -674,6 +687,7 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
     from kedit.methods.registry import get_method
     from kedit.util.atomic import write_text
 
+    at_least(1, steps=steps, val_every=val_every)
     try:
         if resume:
             cfg = read_config(resume)

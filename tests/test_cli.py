@@ -31,6 +31,28 @@ def test_format_help_names_every_layout_the_reader_knows():
         assert "knowedit" in out and "wikibio" in out, cmd
 
 
+@pytest.mark.parametrize("args", [
+    ["bench", "counterfact", "-n", "-3"],
+    ["bench", "zsre", "-n", "0"],
+    ["bench", "zsre", "--offset", "-1"],
+    ["bench", "zsre", "--batch-size", "0"],
+    ["bench", "zsre", "--sequential", "--checkpoint-every", "0"],
+    ["bench", "zsre", "--generation", "--gen-tokens", "0"],
+    ["edit", "cases/messi.jsonl", "--batch-size", "-2"],
+    ["edit", "cases/messi.jsonl", "--gen-tokens", "-1"],
+    ["stats", "--samples", "0"],
+    ["stats", "--max-length", "-5"],
+    ["train", "mend", "--steps", "0"],
+    ["train", "serac", "--val-every", "-1"],
+    ["compare-gen", "--cases", "cases/messi.jsonl", "--max-new-tokens", "0"],
+])
+def test_out_of_range_numbers_are_one_line_errors_before_any_work(args, tmp_path):
+    res = runner.invoke(app, [*args, *(["--out", str(tmp_path / "out")] if args[0] in ("bench", "edit", "train") else [])])
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "must be at least" in lines[0], res.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_validate_ok_and_bad_input_is_one_line_with_exit_2(tmp_path):
     ok = runner.invoke(app, ["validate", "cases/anchor-31.jsonl"])
     assert ok.exit_code == 0 and "31 cases (easyedit layout)" in ok.output
