@@ -5,6 +5,7 @@ revert / save-load / sequential resume (tests/contract.py), and the hparams file
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -273,6 +274,46 @@ def test_compute_reads_the_installed_state_and_merges_shards_by_ties():
         assert w.last_route.tolist() == [0]
 
 
+def test_retrieve_keeps_merged_groups_apart_each_with_its_own_threshold():
+    """WISE-Retrieve: every ``merge_freq`` edits the saved shards are TIES-merged into one
+    more memory (not into a single merged memory); each memory's threshold comes from its
+    own edits' scores; a row goes to the highest-scoring memory that passes its threshold."""
+    cases = [CASE, CASE2, CASE, CASE2]
+    kept = sequence(tiny_model("llama"), cases, save_freq=1, merge_freq=None, retrieve=True)
+    groups = sequence(tiny_model("llama"), cases, save_freq=1, merge_freq=2, retrieve=True)
+    shards = [d for _, d in kept[-1].pending]
+    assert len(shards) == 4 and kept[-1].merged is None and kept[-1].retrieved == []
+    assert kept[-1].merges == 0 and len(kept[-1].pending_min) == 4
+    assert min(kept[-1].pending_min) == kept[-1].min_act
+    last = groups[-1]
+    assert last.merged is None and len(last.retrieved) == 2 and last.merges == 2 and last.pending == []
+    assert torch.equal(last.retrieved[0], ties_merge(shards[:2], [0.5, 0.5], 0.53))
+    assert torch.equal(last.retrieved[1], ties_merge(shards[2:], [0.5, 0.5], 0.53))
+    assert last.retrieved_min == [min(kept[-1].pending_min[:2]), min(kept[-1].pending_min[2:])]
+    assert last.minima() == last.retrieved_min
+    # stored sparsely and read back exactly, flags and minima included
+    back = WiseState.from_tensors(last.to_tensors())
+    assert back.retrieve and back.retrieved_min == last.retrieved_min
+    assert all(torch.equal(a, b) for a, b in zip(back.retrieved, last.retrieved))
+    # the router: per-memory thresholds; each edit prompt goes to its own edit's memory
+    loaded = tiny_model("llama")
+    sequence(loaded, [CASE, CASE2], save_freq=1, merge_freq=None, retrieve=True)
+    w = wrapper_of(loaded)
+    ratio = w.config_dict["act_ratio"]
+    assert w.thresholds().tolist() == pytest.approx([ratio * m for m in w.state.pending_min])
+    routes = []
+    for c in (CASE, CASE2):
+        logits(loaded, [c.template.replace("{}", c.subject)])
+        routes += w.last_route.tolist()
+    assert routes == [0, 1]
+    w.state.pending_min = [math.inf, math.inf]        # no memory passes its threshold: main memory
+    logits(loaded, [EDIT_PROMPT])
+    assert w.last_route.tolist() == [-1]
+    # a memory built one way is not continued the other way
+    with pytest.raises(ValueError, match="retrieve"):
+        method(loaded, n_iter=2, save_freq=1, merge_freq=None, retrieve=False).compute([EditRequest.from_case(CASE)])
+
+
 def test_irrelevant_prompts_are_deterministic_and_never_the_edits_own_case(tmp_path):
     records = [{"src": "What is A?", "loc": "nq question: q0", "loc_ans": "a0"},
                {"src": EDIT_PROMPT, "loc": "nq question: own", "loc_ans": "own"},
@@ -310,5 +351,8 @@ def test_params_are_checked_and_the_shipped_config_loads():
         build_params(WiseParams, {"act_margin": [1.0, 2.0]}, "test")
     loaded = tiny_model("llama")
     p = load_params(WiseParams, configs_dir() / "methods" / "wise" / "smollm2-135m.yaml", loaded.adapter)
-    assert p.merge_alg == "ties" and p.merge_freq % p.save_freq == 0
+    assert p.merge_alg == "ties" and (p.merge_freq is None or p.merge_freq % p.save_freq == 0)
+    assert build_params(WiseParams, {"merge_freq": None}, "test").merge_freq is None
+    with pytest.raises(ConfigError, match="merge_freq"):
+        build_params(WiseParams, {"merge_freq": 0}, "test")
     assert get_method("wise").kind == "memory"

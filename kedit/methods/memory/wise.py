@@ -2,8 +2,10 @@
 
 Wang et al., "WISE: Rethinking the Knowledge Memory for Lifelong Model Editing of Large
 Language Models", NeurIPS 2024; the authors' code is EasyEdit's ``easyeditor/models/wise``.
-This module implements **WISE-Merge** (shards merged by TIES into one side memory);
-WISE-Retrieve (every shard kept, top-1 retrieval) is not implemented.
+This module implements both variants of the paper: **WISE-Merge** (shards merged by TIES
+into one side memory, ``retrieve: false``, EasyEdit's default) and **WISE-Retrieve**
+(``retrieve: true``: each merged group of shards kept as a memory of its own, top-1
+routing by activation; the SmolLM2 default, see ``configs/methods/wise/``).
 
 Memories
 --------
@@ -26,13 +28,16 @@ paper) and ``ΔW`` a side memory's change, the score of one input is
 
 i.e. the paper's ‖A(x)(W' − W)‖₂ per token, averaged over the tokens of the input as
 EasyEdit averages its per-token distances.  Routing is decided per row of a batch: among
-the side memories (merged, pending shards, current shard) the one with the highest score
-is used for the whole row if that score is at least the threshold
+the side memories (merged or retrieved groups, pending shards, current shard) whose score
+reaches their threshold, the one with the highest score is used for the whole row:
 
-    τ = act_ratio · min_e Δ_act(e)      (min over every edit made so far, as recorded
-                                          when the edit finished training)
+    τ_m = act_ratio · min_{e ∈ E_m} Δ_act(e)    (scores as recorded when each edit finished
+                                                 training)
 
-otherwise the row goes through the main memory (``W``, bit-identical to the base model).
+where E_m is every edit made so far (WISE-Merge: one threshold for all memories) or, with
+``retrieve``, the edits written into memory m (EasyEdit keeps one activation record per
+retrieved memory).  If no memory reaches its threshold the row goes through the main memory
+(``W``, bit-identical to the base model).
 The output of a routed row is ``W a_t + ΔW a_t`` (plus the base bias, if any).
 
 *Score: the paper's, not EasyEdit's.*  EasyEdit measures ``‖silu(W' a) − silu(W a)‖``:
@@ -93,6 +98,12 @@ edits the saved shards are merged by TIES into ``merged``:
 * first merge: ``merged = TIES(shards, weights = weights/k each)``;
 * later ones: ``merged = TIES(shards + [merged], weights = 0.4/k each, 0.6)``
   (EasyEdit's constants);
+* with ``retrieve``: the k saved shards become one more memory,
+  ``TIES(shards, weights = weights/k each)``, with the smallest score of their edits for its
+  threshold; ``merge_freq: null`` never merges, so every shard stays a memory of its own
+  (with ``save_freq: 1``, one memory per edit).  EasyEdit's optional *replay* for
+  WISE-Retrieve (training a new shard also against the activations of earlier groups'
+  edits) is not implemented;
 
 TIES (Yadav et al. 2023, EasyEdit's ``GTA('magnitude', 'sum', normalize=True)``), on
 weight changes ``δ_i`` with weights ``w_i``: trim each ``δ_i`` to its ``⌊density·N⌋``
@@ -167,7 +178,8 @@ class WiseParams:
     act_margin: tuple[float, float, float] = (5.0, 20.0, 10.0)    # alpha, beta, gamma
     act_ratio: float = 0.88
     save_freq: int = 500
-    merge_freq: int = 1000
+    merge_freq: int | None = 1000          # null: never merge (every shard its own memory)
+    retrieve: bool = False                 # WISE-Retrieve: merged groups kept apart, top-1 routing
     merge_alg: Literal["ties"] = "ties"
     densities: float = 0.53
     weights: float = 1.0
@@ -189,9 +201,9 @@ class WiseParams:
             return "key 'mask_ratio': must be in (0, 1]"
         if self.act_ratio <= 0:
             return "key 'act_ratio': must be > 0"
-        if self.save_freq < 1 or self.merge_freq < 1:
-            return "keys 'save_freq', 'merge_freq': must be >= 1"
-        if self.merge_freq % self.save_freq:
+        if self.save_freq < 1 or (self.merge_freq is not None and self.merge_freq < 1):
+            return "keys 'save_freq', 'merge_freq': must be >= 1 (merge_freq: or null, never merge)"
+        if self.merge_freq is not None and self.merge_freq % self.save_freq:
             return f"key 'merge_freq': must be a multiple of save_freq ({self.merge_freq} vs {self.save_freq})"
         if not 0 < self.densities <= 1:
             return "key 'densities': must be in (0, 1]"
@@ -269,21 +281,33 @@ class WiseState:
     shape: tuple[int, int]
     count: int = 0
     merges: int = 0
-    min_act: float = math.inf
+    min_act: float = math.inf            # over every edit (WISE-Merge's one threshold)
     merged: torch.Tensor | None = None
     pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)   # (mask, ΔW)
     shard: tuple[torch.Tensor, torch.Tensor] | None = None                         # (mask, ΔW)
+    retrieve: bool = False
+    pending_min: list[float] = field(default_factory=list)     # per saved shard (WISE-Retrieve)
+    shard_min: float = math.inf                                # of the current shard
+    retrieved: list[torch.Tensor] = field(default_factory=list)   # merged groups (WISE-Retrieve)
+    retrieved_min: list[float] = field(default_factory=list)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {"shape": torch.tensor(self.shape, dtype=torch.int64),
                "count": torch.tensor(self.count, dtype=torch.int64),
                "merges": torch.tensor(self.merges, dtype=torch.int64),
-               "min_act": torch.tensor(self.min_act, dtype=torch.float64)}
+               "min_act": torch.tensor(self.min_act, dtype=torch.float64),
+               "retrieve": torch.tensor(int(self.retrieve), dtype=torch.int64),
+               "shard_min": torch.tensor(self.shard_min, dtype=torch.float64),
+               "pending_min": torch.tensor(self.pending_min, dtype=torch.float64),
+               "retrieved_min": torch.tensor(self.retrieved_min, dtype=torch.float64)}
         if self.merged is not None:
             out["merged"] = self.merged.detach().float().cpu().contiguous()
         shards = [*self.pending, *([self.shard] if self.shard is not None else [])]
-        for i, (mask, delta) in enumerate(shards):
-            name = "shard" if self.shard is not None and i == len(shards) - 1 else f"pending{i}"
+        # merged groups of WISE-Retrieve are stored like shards, under their nonzero entries
+        groups = [(d != 0, d) for d in self.retrieved]
+        named = [("shard" if self.shard is not None and i == len(shards) - 1 else f"pending{i}", s)
+                 for i, s in enumerate(shards)] + [(f"retrieved{i}", g) for i, g in enumerate(groups)]
+        for name, (mask, delta) in named:
             m = mask.reshape(-1).cpu()
             out[f"{name}_mask"] = pack_mask(m)
             out[f"{name}_values"] = delta.detach().float().reshape(-1).cpu()[m].contiguous()
@@ -300,20 +324,40 @@ class WiseState:
             values[mask] = tensors[f"{name}_values"].float().cpu()
             return mask.reshape(shape).to(device), values.reshape(shape).to(device)
 
-        n_pending = sum(1 for k in tensors if k.startswith("pending") and k.endswith("_mask"))
+        def count(prefix: str) -> int:
+            return sum(1 for k in tensors if k.startswith(prefix) and k.endswith("_mask"))
+
+        def floats(name: str) -> list[float]:
+            return [float(x) for x in tensors[name].tolist()] if name in tensors else []
+
+        pending = [dense(f"pending{i}") for i in range(count("pending"))]
         return cls(shape=(shape[0], shape[1]), count=int(tensors["count"]), merges=int(tensors["merges"]),
                    min_act=float(tensors["min_act"]),
                    merged=tensors["merged"].float().to(device).reshape(shape) if "merged" in tensors else None,
-                   pending=[dense(f"pending{i}") for i in range(n_pending)],
-                   shard=dense("shard") if "shard_mask" in tensors else None)
+                   pending=pending,
+                   shard=dense("shard") if "shard_mask" in tensors else None,
+                   retrieve=bool(int(tensors["retrieve"])) if "retrieve" in tensors else False,
+                   pending_min=floats("pending_min") or [math.inf] * len(pending),
+                   shard_min=float(tensors["shard_min"]) if "shard_min" in tensors else math.inf,
+                   retrieved=[dense(f"retrieved{i}")[1] for i in range(count("retrieved"))],
+                   retrieved_min=floats("retrieved_min"))
 
     def memories(self) -> list[torch.Tensor]:
-        """The side memories a row can be routed to, in routing order (merged, pending, current)."""
+        """The side memories a row can be routed to, in routing order (merged or the
+        retrieved groups, pending shards, current shard)."""
         out = [self.merged] if self.merged is not None else []
+        out += list(self.retrieved)
         out += [d for _, d in self.pending]
         if self.shard is not None:
             out.append(self.shard[1])
         return out
+
+    def minima(self) -> list[float]:
+        """Per memory of :meth:`memories`, the smallest edit score its threshold is taken from:
+        WISE-Merge one minimum over every edit, WISE-Retrieve each memory its own edits'."""
+        if not self.retrieve:
+            return [self.min_act] * len(self.memories())
+        return [*self.retrieved_min, *self.pending_min, *([self.shard_min] if self.shard is not None else [])]
 
 
 # ======================================================================== the wrapper
@@ -357,7 +401,14 @@ class WiseWrapper(EditWrapper):
 
     @property
     def threshold(self) -> float:
-        return float(self.config_dict.get("act_ratio", 0.88)) * self.state.min_act
+        """The smallest routing threshold of any side memory (WISE-Merge: the one threshold)."""
+        t = self.thresholds()
+        return float(t.min()) if t.numel() else math.inf
+
+    def thresholds(self) -> torch.Tensor:
+        """Per side memory, act_ratio × its minimum edit score (:meth:`WiseState.minima`)."""
+        ratio = float(self.config_dict.get("act_ratio", 0.88))
+        return torch.tensor([ratio * m for m in self.state.minima()], dtype=torch.float32)
 
     def scores(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per row and side memory, the activation score (``(memories, batch)``), and each
@@ -386,8 +437,10 @@ class WiseWrapper(EditWrapper):
         if continues and self.last_route is not None and self._route_batch == x.shape[0]:
             route = self.last_route.to(x.device)
         else:
-            best, idx = s.max(0)
-            route = torch.where(best >= self.threshold, idx, torch.full_like(idx, -1))
+            # a memory competes only where its score reaches its own threshold; the highest wins
+            over = s >= self.thresholds().to(s.device)[:, None]
+            best, idx = torch.where(over, s, torch.full_like(s, -math.inf)).max(0)
+            route = torch.where(over.any(0), idx, torch.full_like(idx, -1))
             self.last_route, self._route_batch = route.detach(), x.shape[0]
         for i, c in enumerate(changes):
             rows = (route == i)[:, None, None]
@@ -417,7 +470,7 @@ def _hinge_mean(x: torch.Tensor) -> torch.Tensor:
 class Wise(Method):
     name = "wise"
     kind = "memory"
-    description = "WISE: a side memory of one MLP output projection behind an activation router, shards merged by TIES"
+    description = "WISE: side memories of one MLP output projection behind an activation router (merged by TIES, or retrieved top-1)"
     Params = WiseParams
     batch_native = False
 
@@ -473,7 +526,10 @@ class Wise(Method):
         else:
             w = base.weight
             shape = tuple(w.shape) if adapter.spec.weight_layout == "out_in" else tuple(w.shape[::-1])
-            state = WiseState(shape=(int(shape[0]), int(shape[1])))
+            state = WiseState(shape=(int(shape[0]), int(shape[1])), retrieve=p.retrieve)
+        if state.retrieve != p.retrieve:
+            raise ValueError(f"the installed WISE memory was built with retrieve={state.retrieve}, "
+                             f"this edit asks for retrieve={p.retrieve}")
         cases = []
         t0 = time.perf_counter()
         with frozen(model), (wrapper.main_memory() if wrapper is not None else contextlib.nullcontext()):
@@ -484,7 +540,8 @@ class Wise(Method):
         spec = WrapperSpec(WiseWrapper, config, state.to_tensors())
         return ModuleEdit({path: spec}, {"method": self.name, "cases": cases, "layer": p.layer,
                                          "count": state.count, "merges": state.merges,
-                                         "threshold": p.act_ratio * state.min_act})
+                                         "memories": len(state.memories()),
+                                         "threshold": min((p.act_ratio * m for m in state.minima()), default=math.inf)})
 
     def _rows(self, request: EditRequest, count: int) -> tuple[list[Row], list[Row]]:
         tok = self.loaded.tokenizer
@@ -594,24 +651,32 @@ class Wise(Method):
             act_irr = float(_masked_mean_norm(F.linear(a_irr, delta), valid_i).mean())
         state.shard = (mask, delta)
         state.min_act = min(state.min_act, act_edit)
+        state.shard_min = min(state.shard_min, act_edit)
         shard_no = state.count // p.save_freq
         state.count += 1
         merged_now = False
         if state.count % p.save_freq == 0:
             state.pending.append(state.shard)
-            state.shard = None
-        if state.count % p.merge_freq == 0 and state.pending:
+            state.pending_min.append(state.shard_min)
+            state.shard, state.shard_min = None, math.inf
+        if p.merge_freq is not None and state.count % p.merge_freq == 0 and state.pending:
             shards = [d for _, d in state.pending]
             k = len(shards)
-            if state.merged is None:
+            if state.retrieve:
+                # EasyEdit's WISE-Retrieve: the group becomes one more memory, with the
+                # smallest score of its edits for its threshold
+                state.retrieved.append(ties_merge(shards, [p.weights / k] * k, p.densities))
+                state.retrieved_min.append(min(state.pending_min))
+            elif state.merged is None:
                 state.merged = ties_merge(shards, [p.weights / k] * k, p.densities)
             else:
                 state.merged = ties_merge([*shards, state.merged],
                                           [LATER_MERGE_SHARDS / k] * k + [LATER_MERGE_MERGED], p.densities)
-            state.pending = []
+            state.pending, state.pending_min = [], []
             state.merges += 1
             merged_now = True
+        thresholds = [p.act_ratio * m for m in state.minima()]
         return {"case_id": request.case_id, "steps": steps, "loss_start": first["loss"], "loss": history[-1],
                 "nll": float(loss_nll.detach()), "act_edit_start": first["act_edit"], "act_edit": act_edit,
-                "act_irrelevant": act_irr, "threshold": p.act_ratio * state.min_act, "shard": shard_no,
+                "act_irrelevant": act_irr, "threshold": min(thresholds, default=math.inf), "shard": shard_no,
                 "edit_number": state.count, "merged": merged_now, "trace": trace}
