@@ -11,6 +11,7 @@ from tiny import tiny_model
 
 from kedit.config import build_params
 from kedit.data.cases import EditCase, EditRequest, PromptSet
+from kedit.evaluation import evaluate_cases
 from kedit.methods.base import RunContext
 from kedit.methods.registry import get_method, method_names
 from kedit.runs.runner import run_edits
@@ -76,4 +77,12 @@ def test_sequential_run_gives_the_model_back(name, tmp_path, monkeypatch):
     assert module_tree(loaded) == tree and "forward" not in loaded.model.__dict__
     after = model_state(loaded)
     assert all((after[k] == state[k]).all() for k in state)
-    assert set(result.edits) == {"batch0", "batch1"} and all(r["post_immediate"] for r in result.records)
+    assert all(r["post_immediate"] for r in result.records)
+    # a cumulative edit holds its sites' whole state: only the last step is kept, and it
+    # alone rebuilds the model the run evaluated last
+    cumulative = result.edits["batch1"].cumulative
+    assert set(result.edits) == ({"batch1"} if cumulative else {"batch0", "batch1"})
+    ref = evaluate_cases(loaded.model, loaded.tokenizer, CASES)[1]
+    with result.applied(loaded.model):
+        now, _ = evaluate_cases(loaded.model, loaded.tokenizer, CASES, ref)
+    assert [m["rewrite_acc"] for m in now] == [r["post"]["rewrite_acc"] for r in result.records]

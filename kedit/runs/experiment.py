@@ -69,7 +69,7 @@ def edits_for_file(result: EditResult) -> tuple[dict[str, torch.Tensor], dict[st
     Independent single-case edits are labelled by case id; a batch (MEMIT) or a sequential
     step is labelled ``batch<N>``.  A sequential run of cumulative edits (adapters,
     memories, contexts: each step holds the whole state of its sites) keeps only its last
-    step, which alone gives the final model.
+    step, which alone gives the final model, with every case id of the run.
     """
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, list[str]] = {}
@@ -79,8 +79,11 @@ def edits_for_file(result: EditResult) -> tuple[dict[str, torch.Tensor], dict[st
         steps = sorted(result.edits.items(), key=lambda kv: int(kv[0].removeprefix("batch")))
         if steps and all(e.cumulative for _, e in steps) and combined([e for _, e in steps]) is steps[-1][1]:
             steps = steps[-1:]
+        done = -1          # a kept step covers the cases of the steps it superseded too
         for label, edit in steps:
-            items.append((label, [r["case_id"] for r in result.records if f"batch{r['batch']}" == label], edit))
+            n = int(label.removeprefix("batch"))
+            items.append((label, [r["case_id"] for r in result.records if done < r["batch"] <= n], edit))
+            done = n
     else:
         for edit in unique_edits(result.edits):
             ids = [c for c, e in result.edits.items() if e is edit]

@@ -121,6 +121,12 @@ def applied_edits(module: torch.nn.Module, edits: Sequence[Edit]) -> Iterator[No
         revert_edits(module, done)
 
 
+def supersedes(new: Edit, old: Edit) -> bool:
+    """Whether ``new`` alone gives what ``old`` then ``new`` give: a cumulative edit (it holds
+    the whole state of its sites) of the same class over every site of ``old``."""
+    return new.cumulative and type(old) is type(new) and set(old.sites()) <= set(new.sites())
+
+
 def combined(edits: Sequence[Edit]) -> Edit:
     """Edits applied in this order, as one edit: weight deltas added up; for cumulative kinds
     (adapters, memories, contexts: each edit holds the whole state of its sites) the last."""
@@ -132,7 +138,7 @@ def combined(edits: Sequence[Edit]) -> Edit:
             out = out + e
         return out
     last = edits[-1]
-    if last.cumulative and all(type(e) is type(last) and set(e.sites()) <= set(last.sites()) for e in edits):
+    if all(supersedes(last, e) for e in edits):
         return last
     raise PatchError("these edits do not combine into one (mixed kinds)")
 

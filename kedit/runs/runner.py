@@ -18,7 +18,7 @@ from kedit.data.cases import EditCase, EditRequest
 from kedit.evaluation import aggregate, evaluate_cases
 from kedit.methods.base import Method, RunContext
 from kedit.methods.edit import Edit, SiteState, restore_sites
-from kedit.runs.result import EditResult
+from kedit.runs.result import EditResult, supersedes
 
 #: site -> (the edit class that reads and writes it, its state): what a sequential run
 #: checkpoints, and what it restores at the end.
@@ -162,6 +162,10 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
             if sequential:
                 method.commit(edit)
                 edit.forget_originals()
+                # a cumulative step holds the whole state: the step before it is not kept (a
+                # run of n memory edits would otherwise hold n growing copies of the memory)
+                if edits and supersedes(edit, edits[last := next(reversed(edits))]):
+                    del edits[last]
                 edits[f"batch{batch.start // size}"] = edit
                 if next_point is not None and (batch.stop >= next_point or batch.stop == len(cases)):
                     t0 = time.perf_counter()
