@@ -300,6 +300,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           hparams: Optional[Path] = typer.Option(None, "--hparams"),
           set_: list[str] = typer.Option(None, "--set", help="override one hyperparameter: key=value"),
           data: Optional[str] = typer.Option(None, "--data", help="another file of the benchmark (any kedit layout)"),
+          editor: Optional[str] = typer.Option(None, "--editor", help="trained methods (mend, serac): the `kedit train` "
+                                               "run to edit with (default: the newest for this model)"),
           out: Path = typer.Option(Path("runs"), "--out"),
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted bench run"),
           seed: int = typer.Option(0, "--seed"),
@@ -328,7 +330,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         else:
             if benchmark is None:
                 fail("give a benchmark (counterfact | zsre | knowedit | portability) or --resume RUN_DIR")
-            overrides = parse_sets(set_)
+            overrides = {**parse_sets(set_), **({"editor": editor} if editor else {})}
         at_least(1, n=n, batch_size=batch_size, checkpoint_every=checkpoint_every, gen_tokens=gen_tokens)
         at_least(0, offset=offset)
         if checkpoint_every is not None and not sequential:

@@ -156,6 +156,14 @@ def test_trained_editor_edits_through_kedit_edit(setup):
     assert config["hparams"]["editor"] == str(run)
     result = json.loads((edit_run / "results.jsonl").read_text().splitlines()[0])
     assert result["method"]["delta_norm"] > 0
+    # the same editor through bench, recorded so that --resume takes it again
+    res = runner.invoke(app, ["bench", "counterfact", "--data", str(tmp / "train.jsonl"), "-n", "2", "--method", "mend",
+                              "--model", str(tmp / "model"), "--device", "cpu", "--editor", str(run),
+                              "--out", str(tmp / "bench")])
+    assert res.exit_code == 0, res.output
+    bench_run = one_run(tmp / "bench")
+    assert yaml.safe_load((bench_run / "config.yaml").read_text())["hparams"]["editor"] == str(run)
+    assert len((bench_run / "results.jsonl").read_text().splitlines()) == 2
 
 
 def test_train_refuses_what_it_cannot_train(setup):
