@@ -326,7 +326,8 @@ def test_sequential_resume_equals_uninterrupted(tmp_path, monkeypatch, pool):
 def test_registered_config_and_shipped_pool():
     assert get_method("ike") is IKE and IKE.kind == "context"
     params = load_params(IKE.Params, configs_dir() / "methods" / "ike" / "smollm2-135m.yaml")
-    assert params.retriever == "tfidf" and params.proportions == (1, 3, 4)
+    assert params.retriever == "tfidf" and params.proportions == (1, 1, 1) and params.separator == "newline"
+    assert IKE.Params().proportions == (1, 3, 4)          # the class default is the paper's mix
     with pytest.raises(ConfigError, match="encoder"):
         build_params(IKE.Params, {"retrieval": "encoder"}, "t")
     rows = [json.loads(line) for line in default_pool().read_text().splitlines()]
