@@ -46,6 +46,10 @@ class ArchSpec:
     weight_layout: Layout
     # Position embeddings added to the token embeddings (GPT-2); rotary models have none.
     pos_embed: str | None = None
+    # A norm between the MLP's output projection and the residual stream (Gemma-3's
+    # ``post_feedforward_layernorm``): the value ``v`` an edit writes is normalised before it
+    # is added, so only its direction reaches the residual.  None: ``v`` is added as it is.
+    mlp_out_norm: str | None = None
 
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
@@ -98,6 +102,24 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         final_norm="model.norm",
         weight_layout="out_in",
     ),
+    # Gemma-3 text models (google/gemma-3-270m): the LLaMA paths, plus four RMSNorms per
+    # block (before and after attention, before and after the GeGLU MLP), token embeddings
+    # multiplied by sqrt(hidden) inside the embedding module (so ``embed()(ids)`` is what
+    # block 0 sees), sliding-window and global attention layers (``config.layer_types``),
+    # a tokenizer that prepends <bos>, and a head tied to the embeddings.
+    ArchSpec(
+        family="gemma3",
+        model_types=("gemma3_text",),
+        layers="model.layers",
+        mlp="mlp",
+        mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+        mlp_out="mlp.down_proj",
+        attn="self_attn",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+        weight_layout="out_in",
+        mlp_out_norm="post_feedforward_layernorm",
+    ),
 )
 
 
@@ -128,6 +150,13 @@ class ModelAdapter:
         self.model = model
         self.spec = spec_for(model.config.model_type)
         self._blocks = _get(model, self.spec.layers)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            # Methods compute logits from a hidden state as lm_head(final_norm(h)); a capped head
+            # (Gemma-2, or a Gemma-3 config that sets it) would give them logits the model never emits.
+            raise UnsupportedArchitecture(
+                f"model type '{model.config.model_type}' caps its final logits (final_logit_softcapping="
+                f"{cap}), which kedit's methods do not apply; load it with the cap set to None")
 
     # --- structure -------------------------------------------------------------
     @property
@@ -176,7 +205,27 @@ class ModelAdapter:
         return _get(self.block(layer), self.spec.attn)
 
     def embed(self) -> nn.Module:
+        """The input embedding module; its output is what block 0 receives (before position
+        embeddings), scaling included (Gemma multiplies by sqrt(hidden) inside it)."""
         return self.model.get_input_embeddings()
+
+    @property
+    def embed_scale(self) -> float:
+        """The factor the embedding module applies to its weight rows (1.0 unless scaled)."""
+        return float(getattr(self.embed(), "scalar_embed_scale", 1.0))
+
+    def mlp_out_norm(self, layer: int) -> nn.Module | None:
+        """The norm between the MLP output projection and the residual stream, if any."""
+        return _get(self.block(layer), self.spec.mlp_out_norm) if self.spec.mlp_out_norm else None
+
+    def sliding_window(self, layer: int) -> int | None:
+        """How many past positions ``layer``'s attention sees, or None when it sees them all."""
+        self.check_layer(layer)
+        types = getattr(self.model.config, "layer_types", None)
+        window = getattr(self.model.config, "sliding_window", None)
+        if types is not None:
+            return window if types[layer] == "sliding_attention" else None
+        return window
 
     def pos_embed(self) -> nn.Module | None:
         return _get(self.model, self.spec.pos_embed) if self.spec.pos_embed else None
