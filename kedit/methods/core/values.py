@@ -124,6 +124,11 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     first_cached = edit_layer if replay else 0  # blocks that run at every step
     cached_layers = range(first_cached, loss_layer + 1)
+    # Sliding-window attention (Gemma-3) counts its window in cache slots: a row's cached prefix
+    # must then end right before its suffix (right-aligned), or the unused slots between them
+    # would eat into the window.  Full attention does not care; those models keep the
+    # left-aligned layout they always had.
+    align_right = any(adapter.sliding_window(l) is not None for l in range(adapter.n_layers))
     prefix_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}   # row -> K/V before its fact token
 
     def keep_prefix(cache, chunk: Sequence[Row], row_ids: Sequence[int]) -> None:
@@ -138,8 +143,9 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         ids, smask = batch_tensors([Row(0, s, 0) for s in suffix], pad_id(tok), device)
         B, S = ids.shape
         past_mask = torch.zeros(B, P, dtype=smask.dtype, device=device)
+        first = [P - r.lookup if align_right else 0 for r in chunk]   # slot of each row's first prefix token
         for b, r in enumerate(chunk):
-            past_mask[b, : r.lookup] = 1
+            past_mask[b, first[b]: first[b] + r.lookup] = 1
         positions = torch.tensor([r.lookup for r in chunk], device=device)[:, None] + torch.arange(S, device=device)
         k0, v0_ = prefix_kv[row_ids[0]][0]
         data: list = []
@@ -154,7 +160,7 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
             V = torch.zeros(B, v0_.shape[0], P, v0_.shape[-1], dtype=v0_.dtype, device=kd)
             for b, (j, r) in enumerate(zip(row_ids, chunk)):
                 k, v = prefix_kv[j][li - first_cached]
-                K[b, :, : r.lookup], V[b, :, : r.lookup] = k, v
+                K[b, :, first[b]: first[b] + r.lookup], V[b, :, first[b]: first[b] + r.lookup] = k, v
             data.append((K, V))
         return ids, torch.cat([past_mask, smask], dim=1), positions, DynamicCache(ddp_cache_data=data)
 
