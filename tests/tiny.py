@@ -3,8 +3,8 @@
 ``tiny_model(family, seed=0)`` returns a :class:`kedit.models.load.LoadedModel` wrapping a
 2-3 layer ``*ForCausalLM`` (hidden 32, MLP width != hidden so weight-layout mistakes
 show) and a small byte-level BPE fast tokenizer trained on the shipped WikiText-2
-(GPT-2 / SmolLM2 style: space-prefixed tokens, offsets mapping, no BOS unless asked,
-``<pad>`` as pad token).  Every call builds a fresh model (tests edit weights in
+(GPT-2 / SmolLM2 style: space-prefixed tokens, offsets mapping, no BOS unless asked --
+``gemma3`` asks, as Gemma's tokenizer prepends <bos> -- ``<pad>`` as pad token).  Every call builds a fresh model (tests edit weights in
 place); the tokenizer is built once per session.
 """
 
@@ -21,7 +21,8 @@ from kedit.data.corpus import wikitext_paragraphs
 from kedit.models.arch import ModelAdapter
 from kedit.models.load import LoadedModel
 
-FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral")
+FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral", "gemma3")
+BOS_FAMILIES = ("gemma3",)  # their tokenizer prepends <bos> by default
 SPECIALS = ["<|endoftext|>", "<pad>", "<s>"]  # ids 0, 1, 2
 MAX_POSITIONS = 128
 HIDDEN = 32
@@ -57,7 +58,8 @@ def tiny_tokenizer(bos: bool = False, vocab_size: int = 512) -> PreTrainedTokeni
 
 def tiny_config(family: str, vocab_size: int):
     """HF config of a tiny model of ``family`` (``vocab_size`` >= the tokenizer's)."""
-    from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (Gemma3TextConfig, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                              Qwen2Config)
 
     ids = dict(bos_token_id=2, eos_token_id=0, pad_token_id=1)
     if family == "gpt2":
@@ -78,21 +80,45 @@ def tiny_config(family: str, vocab_size: int):
         return Qwen2Config(intermediate_size=72, tie_word_embeddings=False, **common)
     if family == "mistral":
         return MistralConfig(intermediate_size=56, sliding_window=None, tie_word_embeddings=False, **common)
+    if family == "gemma3":
+        # Gemma-3 270M in miniature: GeGLU MLP, four norms per block, sqrt(d)-scaled embeddings,
+        # tied head, one global layer between sliding ones whose window (4 positions) is shorter
+        # than every test prompt, so a mask or cache that ignores the window changes the results.
+        # Weights ~ N(0, 0.1) rather than 0.02: behind four unit-scale norms per block a 0.02 head
+        # gives near-uniform next-token distributions that no single edit can tip (see tiny_model
+        # for the post-MLP norms).
+        return Gemma3TextConfig(intermediate_size=48, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                tie_word_embeddings=True, final_logit_softcapping=None,
+                                attn_logit_softcapping=None, initializer_range=0.1, **common)
     raise ValueError(f"unknown tiny family '{family}' (choose from {', '.join(FAMILIES)})")
 
 
-def tiny_model(family: str = "llama", seed: int = 0, bos: bool = False) -> LoadedModel:
-    """A fresh tiny ``family`` model (eval, frozen, float32, CPU), seeded by ``seed``."""
+def tiny_model(family: str = "llama", seed: int = 0, bos: bool | None = None) -> LoadedModel:
+    """A fresh tiny ``family`` model (eval, frozen, float32, CPU), seeded by ``seed``.
+
+    ``bos``: whether the tokenizer prepends <s>; by default only for :data:`BOS_FAMILIES`.
+    """
+    if bos is None:
+        bos = family in BOS_FAMILIES
     tok = tiny_tokenizer(bos)
     vocab = -(-len(tok) // 64) * 64
     config = tiny_config(family, vocab)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    adapter = ModelAdapter(model)
+    if adapter.spec.mlp_out_norm:
+        # Gemma normalises each MLP output before adding it: at the initial scale 1 the MLP of one
+        # layer is a sixth of the residual stream and an MLP edit cannot outvote the rest.  Trained
+        # models learn larger post-MLP scales; the tiny one gets 4 (Gemma's norm multiplies by 1 + w).
+        with torch.no_grad():
+            for layer in range(adapter.n_layers):
+                adapter.mlp_out_norm(layer).weight.fill_(3.0)
     model.eval()
     model.requires_grad_(False)
     fingerprint = hashlib.sha256(f"tiny|{family}|{seed}|{int(bos)}".encode()).hexdigest()[:16]
-    return LoadedModel(model, tok, ModelAdapter(model), name=f"tiny-{family}", path="", fingerprint=fingerprint,
+    return LoadedModel(model, tok, adapter, name=f"tiny-{family}", path="", fingerprint=fingerprint,
                        device=torch.device("cpu"), dtype=torch.float32)
 
 
