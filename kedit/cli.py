@@ -23,7 +23,9 @@ FORMAT_HELP = "cases layout: auto | kedit | easyedit | rome | zsre | knowedit | 
 
 
 def fail(msg: str) -> None:
-    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)   # "kedit[gemma]" stays as it is
     raise typer.Exit(2)
 
 
@@ -103,16 +105,23 @@ def validate(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)")
 @app.command()
 def models():
     """List the embedded default, the model configs in configs/models and the cached models."""
-    from kedit.models.load import DEFAULT_MODEL, model_configs
+    from kedit.models.load import DEFAULT_MODEL, model_configs, source_installed
     from kedit.util.paths import kedit_home
 
     t = Table(title="models")
-    for col in ("name", "source", "description"):
-        t.add_column(col)
+    t.add_column("name", no_wrap=True)
+    for col in ("installed", "source", "licence", "description"):
+        t.add_column(col, overflow="fold")
+    missing = []
     for name, cfg in model_configs().items():
-        t.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), str(cfg.get("source", "")),
-                  str(cfg.get("description", "")))
+        ok = source_installed(cfg.get("source", ""))
+        if ok is False and cfg.get("install"):
+            missing.append(f"  {name}: {cfg['install']}")
+        t.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), {True: "yes", False: "no"}.get(ok, "-"),
+                  str(cfg.get("source", "")), str(cfg.get("licence", "")), str(cfg.get("description", "")))
     console.print(t)
+    if missing:
+        console.print("not installed; to install:\n" + "\n".join(missing), highlight=False, markup=False)
     cache = kedit_home() / "models"
     cached = sorted(p for p in cache.glob("*") if (p / "config.json").exists()) if cache.exists() else []
     console.print(f"cache {cache}: {len(cached)} converted model(s)")
