@@ -1,7 +1,9 @@
 """Target values: the vector δ added at the fact token so the model emits ``target_new``.
 
 Written once for ROME (δ added to the MLP output projection's output at the edited
-layer) and MEMIT (δ added to the residual stream at the last edited layer).  All
+layer), MEMIT (δ added to the residual stream at the last edited layer) and PMET (one δ
+at the attention output and one at the MLP output of the same block, fitted jointly:
+pass a sequence of modules; each gets its own δ, its own v0, clamp and weight decay).  All
 requests of a batch are optimised together: each has its own δ row and its own
 prompt rows, the loss is a sum of per-request losses (so the gradients do not mix),
 and a request that has converged leaves the batch.
@@ -14,7 +16,8 @@ Loss of request i (ROME ``compute_v`` / MEMIT ``compute_z``, Meng et al. 2022/20
                                                                       "{subject} is a" prompts;
                                                                       argument order as in the
                                                                       reference code)
-        + weight_decay · ‖δ_i‖ / ‖v0_i‖²                             (as in the reference code)
+        + weight_decay · Σ_m ‖δ_im‖ / ‖v0_im‖²                      (as in the reference code;
+                                                                      m: the modules, one for ROME/MEMIT)
 
 with Adam on δ, δ_i clamped to ``clamp_norm_factor · ‖v0_i‖`` after each step (v0_i:
 the module's original output at the fact token of the bare prompt), and early stop
@@ -69,8 +72,8 @@ class TargetOptions:
 
 @dataclass
 class Targets:
-    delta: torch.Tensor           # (n, d) float32: the optimised δ per request
-    v0: torch.Tensor              # (n, d) float32: original output at the fact token, bare prompt
+    delta: torch.Tensor           # (n, d) float32: the optimised δ per request ((n, M, d) for M modules)
+    v0: torch.Tensor              # (n, d) float32: original output at the fact token, bare prompt (same shape)
     steps: list[int]              # gradient steps used per request
     loss: list[float]             # final loss per request
     nll: list[float]              # final target NLL per request
@@ -100,12 +103,22 @@ def block_index(adapter, module: torch.nn.Module) -> int:
     raise ValueError("module is not inside any transformer block")
 
 
-def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequence[str], module: torch.nn.Module,
-                     position: str, opts: TargetOptions, seed: int = 0) -> Targets:
-    """Fit δ for every request at ``module``'s output (see the module docstring)."""
+def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequence[str],
+                     module: torch.nn.Module | Sequence[torch.nn.Module], position: str, opts: TargetOptions,
+                     seed: int = 0) -> Targets:
+    """Fit δ for every request at ``module``'s output (see the module docstring).
+
+    ``module`` may be a sequence of modules of one block with outputs of one width (PMET:
+    attention and MLP outputs); each gets its own δ, and ``Targets.delta`` / ``v0`` are then
+    ``(n, M, d)``.  One module gives ``(n, d)``, computed exactly as before."""
     adapter, tok, model = loaded.adapter, loaded.tokenizer, loaded.model
     device = loaded.device
-    edit_layer = block_index(adapter, module)
+    single = isinstance(module, torch.nn.Module)
+    modules = [module] if single else list(module)
+    layers = {block_index(adapter, m) for m in modules}
+    if len(layers) != 1:
+        raise ValueError(f"optimise_targets: the modules must lie in one block, got blocks {sorted(layers)}")
+    edit_layer = layers.pop()
     blocks = [adapter.block(i) for i in range(edit_layer + 1)]
     replay = opts.replay and edit_layer > 0
     row_input: dict[int, torch.Tensor] = {}     # row index -> residual stream entering the edited block
@@ -185,15 +198,17 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         look = torch.tensor([r.lookup - s0 for r, s0 in zip(chunk, start)], device=device)
         req = torch.tensor([r.request for r in chunk], device=device)
         arange = torch.arange(len(chunk), device=device)
-        seen_out: dict[str, torch.Tensor] = {}
+        seen_out: dict[int, torch.Tensor] = {}
 
-        def add_delta(out: torch.Tensor) -> torch.Tensor:
-            seen_out["v"] = out[arange, look].detach()
-            if delta is None:
-                return out
-            add = torch.zeros_like(out)
-            add = add.index_put((arange, look), delta[req].to(out.dtype))
-            return out + add
+        def add_delta(m: int):
+            def fn(out: torch.Tensor) -> torch.Tensor:
+                seen_out[m] = out[arange, look].detach()
+                if delta is None:
+                    return out
+                add = torch.zeros_like(out)
+                add = add.index_put((arange, look), delta[req, m].to(out.dtype))
+                return out + add
+            return fn
 
         def stacked() -> torch.Tensor:
             x = torch.zeros(ids.shape[0], ids.shape[1], row_input[row_ids[0]].shape[-1],
@@ -204,7 +219,8 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
             return x
 
         with contextlib.ExitStack() as stack:
-            stack.enter_context(edit_output(module, add_delta))
+            for m, mod in enumerate(modules):
+                stack.enter_context(edit_output(mod, add_delta(m)))
             seen = stack.enter_context(record({"h": loss_block}, inputs=False, stop_after=loss_block, detach=False))
             if replay and delta is not None:
                 stack.enter_context(replay_from(blocks, stacked, structure[0]))
@@ -222,10 +238,10 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         pos = [p - start[j] for j, p in zip(rr, pos)]
         h = seen["h"][torch.tensor(rr, device=device), torch.tensor(pos, device=device)]
         logp = F.log_softmax(head(norm(h)).float(), dim=-1)
-        return logp, torch.tensor(rr), torch.tensor(lab), seen_out["v"]
+        return logp, torch.tensor(rr), torch.tensor(lab), torch.stack([seen_out[m] for m in range(len(modules))], 1)
 
     # Initial pass (δ = 0): original outputs v0 at the bare prompt, initial KL distributions.
-    v0 = torch.zeros(n, 0)
+    v0 = torch.zeros(n, len(modules), 0)
     kl_init: dict[int, torch.Tensor] = {}
     first_row = {}
     for j, r in enumerate(rows):
@@ -234,8 +250,8 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
     with torch.no_grad():
         for start, chunk in _chunks(rows, opts.batch_tokens):
             logp, rr, lab, v = forward(chunk, None, range(start, start + len(chunk)))
-            if v0.shape[1] == 0:
-                v0 = torch.zeros(n, v.shape[-1])
+            if v0.shape[-1] == 0:
+                v0 = torch.zeros(n, len(modules), v.shape[-1])
             for j, r in enumerate(chunk):
                 if first_row.get(r.request) == start + j:
                     v0[r.request] = v[j].float().cpu()
@@ -243,10 +259,10 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
                 if lab[m] < 0:
                     kl_init[start + int(rr[m])] = logp[m].detach()
     v0 = v0.to(device)
-    v0_norm = v0.norm(dim=1).clamp_min(1e-8)
+    v0_norm = v0.norm(dim=-1).clamp_min(1e-8)                        # (n, M)
 
     torch.manual_seed(seed)
-    delta = torch.zeros(n, v0.shape[1], device=device, requires_grad=True)
+    delta = torch.zeros(n, len(modules), v0.shape[-1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=opts.lr)
     active = torch.ones(n, dtype=torch.bool)
     steps_used = [0] * n
@@ -283,7 +299,7 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
                 kl.index_add_(0, owner[kl_pos], kl_terms.detach().cpu().float())
                 if update:
                     (nll_terms.sum() + kl_terms.sum()).backward()
-        wd = opts.weight_decay * delta.norm(dim=1) / v0_norm ** 2
+        wd = (opts.weight_decay * delta.norm(dim=-1) / v0_norm ** 2).sum(1)
         if update:
             wd[active.to(device)].sum().backward()
         total = nll + kl + wd.detach().cpu()
@@ -301,10 +317,13 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         with torch.no_grad():
             delta[keep] = frozen[keep]
             limit = opts.clamp_norm_factor * v0_norm
-            scale = (limit / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-            delta.mul_(scale[:, None])
+            scale = (limit / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
+            delta.mul_(scale[..., None])
         for i in range(n):
             if active[i] and not done[i]:
                 steps_used[i] += 1
         active &= ~done
-    return Targets(delta.detach().float(), v0.float(), steps_used, last_loss, last_nll)
+    delta, v0 = delta.detach().float(), v0.float()
+    if single:
+        delta, v0 = delta[:, 0], v0[:, 0]
+    return Targets(delta, v0, steps_used, last_loss, last_nll)
