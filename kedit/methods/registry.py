@@ -1,4 +1,9 @@
-"""Method registry: ``@register`` a Method subclass; ``get(name)`` with "did you mean"."""
+"""Method registry: ``@register`` a Method subclass; ``get(name)`` with "did you mean".
+
+``get`` takes the names people type: case, ``-`` and ``_`` do not matter (``FT-L``,
+``ft-l``, ``ft_l`` and ``FTL`` are ``ft_l``; ``AlphaEdit`` is ``alphaedit``), plus the
+aliases in :data:`ALIASES`.  The class it returns carries the canonical ``name``, which
+is what configs, run directories and ``kedit methods`` use."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from kedit.methods.base import Method
 METHOD_MODULES = (
     "kedit.methods.locate.rome", "kedit.methods.locate.memit",            # weights
     "kedit.methods.locate.alphaedit", "kedit.methods.locate.emmet",
+    "kedit.methods.locate.pmet", "kedit.methods.locate.kn", "kedit.methods.locate.ultraedit",
     "kedit.methods.finetune.ft",
     "kedit.methods.finetune.lora",                                        # adapter
     "kedit.methods.memory.grace", "kedit.methods.memory.wise",            # memory
@@ -19,6 +25,15 @@ METHOD_MODULES = (
     "kedit.methods.learned.mend", "kedit.methods.learned.serac",          # trained editors
 )
 KINDS = ("weights", "adapter", "memory", "context")
+#: Other names of a registered method (folded as in :func:`fold`).  Only names that mean the
+#: method as kedit ships it: r-ROME (Gupta et al. 2024) is ROME with the averaged key in the
+#: update's denominator too, which is kedit's ``rome`` default (``key_mode: averaged``).
+ALIASES = {"rrome": "rome"}
+
+
+def fold(name: str) -> str:
+    """A method name with case, ``-`` and ``_`` (and surrounding blanks) dropped: ``FT-L`` -> ``ftl``."""
+    return name.strip().lower().replace("-", "").replace("_", "")
 
 
 class Registry:
@@ -28,6 +43,9 @@ class Registry:
     def register(self, cls: type[Method]) -> type[Method]:
         if not cls.name:
             raise ValueError(f"{cls.__name__} has no name")
+        clash = [n for n in self._methods if fold(n) == fold(cls.name) and n != cls.name]
+        if clash:
+            raise ValueError(f"method '{cls.name}' folds to the same name as '{clash[0]}' (case, '-', '_' are ignored)")
         if cls.kind not in KINDS:
             raise ValueError(f"method '{cls.name}' has kind {cls.kind!r}, not one of {', '.join(KINDS)}")
         if cls.name in self._methods and self._methods[cls.name] is not cls:
@@ -39,11 +57,17 @@ class Registry:
         for mod in METHOD_MODULES:
             importlib.import_module(mod)
 
-    def get(self, name: str) -> type[Method]:
+    def canonical(self, name: str) -> str | None:
+        """The registered name ``name`` stands for (case, ``-``, ``_`` and aliases folded), or None."""
         self._load_builtin()
-        key = name.lower()
-        if key not in self._methods:
-            close = difflib.get_close_matches(key, list(self._methods), n=1)
+        folded = {fold(n): n for n in self._methods}
+        key = fold(name)
+        return folded.get(key) or folded.get(fold(ALIASES.get(key, "")))
+
+    def get(self, name: str) -> type[Method]:
+        key = self.canonical(name)
+        if key is None:
+            close = difflib.get_close_matches(name.lower(), list(self._methods), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise KeyError(f"unknown method '{name}' (known: {', '.join(sorted(self._methods))}){hint}")
         return self._methods[key]
