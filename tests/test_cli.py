@@ -165,3 +165,38 @@ def test_run_ids_never_collide(tmp_path):
     b = RunDir(tmp_path, "20260101-000000-rome-m-abcdef")  # same config, same second
     assert a.finish().name == "20260101-000000-rome-m-abcdef"
     assert b.finish().name == "20260101-000000-rome-m-abcdef-2"
+
+
+ALIAS_HPARAMS = {"ft_l": {"layers": [1], "lr": 0.05, "num_steps": 2},
+                 "rome": {"layer": 1, "mom2_adjustment": False, "v_num_grad_steps": 2,
+                          "context_template_length_params": [[3, 1]]},
+                 "alphaedit": {"layers": [1, 2], "mom2_samples": 20, "v_num_grad_steps": 2,
+                               "context_template_length_params": [[3, 1]]}}
+
+
+@pytest.mark.parametrize("typed, canonical", [("FT-L", "ft_l"), ("ft-l", "ft_l"), ("ft_l", "ft_l"), ("Ft_L", "ft_l"),
+                                              ("R-ROME", "rome"), ("AlphaEdit", "alphaedit")])
+def test_method_names_people_type(typed, canonical, tiny_dir):
+    """--method folds case, '-' and '_' (and r-ROME, which is kedit's default ROME) to the
+    registered name; the run records and is named by the canonical name."""
+    d, cases, _, tmp = tiny_dir
+    hp = tmp / "alias.yaml"
+    hp.write_text(yaml.safe_dump(ALIAS_HPARAMS[canonical]))
+    out = tmp / "runs"
+    res = runner.invoke(app, ["edit", str(cases), "--model", str(d), "--method", typed, "--hparams", str(hp),
+                              "--out", str(out), "--stats-dir", str(tmp / "stats"), "--gen-tokens", "0",
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    (run,) = list(out.iterdir())
+    assert f"-{canonical.replace('_', '-')}-tiny-llama-" in run.name        # run ids slug the name
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"] == canonical
+
+
+def test_methods_lists_canonical_names_and_unknown_names_still_fail(tiny_dir):
+    table = runner.invoke(app, ["methods"]).output
+    assert all(name in table for name in ("ft_l", "alphaedit", "rome", "kn", "pmet", "ultraedit"))
+    assert "FT-L" not in table and "R-ROME" not in table
+    d, cases, _, _ = tiny_dir
+    for typed in ("ft-x", "r-memit", "ftl2"):
+        res = runner.invoke(app, ["edit", str(cases), "--model", str(d), "--method", typed])
+        assert res.exit_code == 2 and f"unknown method '{typed}'" in res.output
