@@ -35,10 +35,12 @@ from kedit.models.tokens import pad_batch
 __all__ = [
     "KINDS",
     "common_prefix",
+    "cut_at",
     "default_prompts",
     "generate",
     "render_markdown",
     "render_table",
+    "stop_token_ids",
     "write_generations",
 ]
 
@@ -128,6 +130,9 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
+    stop: Sequence[str] = (),
+    special_tokens: bool = True,
+    stop_ids: torch.Tensor | None = None,
 ) -> list[str]:
     """Continue each prompt with ``loaded.model``; return the continuations, in order.
 
@@ -146,6 +151,13 @@ def generate(
     repetition penalty, ...) are overridden by neutral values so that before/after
     generations differ only by the weights.  The model is put in eval mode for the
     call (its previous mode is restored).
+
+    ``stop``: strings that end a continuation (the WILD protocol's ``"."`` and ``"\\n"``):
+    a row stops generating after the first token whose text holds one of them (the
+    other rows of its batch go on) and its text is cut before the first occurrence.
+    ``stop_ids`` may pass :func:`stop_token_ids` computed once for the tokenizer.
+    ``special_tokens=False`` tokenises without the tokenizer's added special tokens
+    (a prompt already rendered through a chat template carries its own).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -172,7 +184,12 @@ def generate(
     else:
         options.update(do_sample=False, temperature=1.0, top_k=None)
 
-    encoded = [[int(t) for t in ids] for ids in tokenizer(prompts)["input_ids"]]
+    encoded = [[int(t) for t in ids] for ids in tokenizer(prompts, add_special_tokens=special_tokens)["input_ids"]]
+    stop = tuple(s for s in stop if s)
+    if stop:
+        if stop_ids is None:
+            stop_ids = stop_token_ids(tokenizer, stop)
+        options["stopping_criteria"] = _stopping(stop_ids.to(device))
     outputs: list[str] = []
     was_training = model.training
     model.eval()
@@ -189,10 +206,41 @@ def generate(
                 width = input_ids.shape[1]
                 for i, ids in enumerate(encoded[lo: lo + batch_size]):
                     new = [int(t) for t in out[i, width:].tolist()]
-                    outputs.append(_continuation(tokenizer, ids, new))
+                    outputs.append(cut_at(_continuation(tokenizer, ids, new), stop))
     finally:
         model.train(was_training)
     return outputs
+
+
+def cut_at(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the first occurrence of any string in ``stop``."""
+    end = len(text)
+    for s in stop:
+        if s:
+            i = text.find(s)
+            if 0 <= i < end:
+                end = i
+    return text[:end]
+
+
+def stop_token_ids(tokenizer: Any, stop: Sequence[str]) -> torch.Tensor:
+    """Ids of every vocabulary token whose decoded text contains one of ``stop`` (a
+    single token is decoded alone: a stop string split over two tokens is not seen
+    by this set, only by :func:`cut_at` afterwards)."""
+    n = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+    return torch.tensor([i for i, t in enumerate(texts) if any(s in t for s in stop)], dtype=torch.long)
+
+
+def _stopping(ids: torch.Tensor):
+    """A stopping criterion, per row: done once the last token is one of ``ids``."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _StopTokens(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            return torch.isin(input_ids[:, -1], ids)
+
+    return StoppingCriteriaList([_StopTokens()])
 
 
 # --------------------------------------------------------------------------- prompts

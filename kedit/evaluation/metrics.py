@@ -1,6 +1,9 @@
 """Edit-quality metrics: EasyEdit token accuracies and ROME/CounterFact probability scores.
 
-Two families whose names never mix:
+Two teacher-forced families whose names never mix (the registry :data:`METRICS` also
+names the generation-based ``gen_*`` scores of :mod:`kedit.evaluation.wild`, family
+``wild``, and what editing costs the model, ``ppl`` and ``retained_acc`` of
+:mod:`kedit.evaluation.cost`, family ``cost``; their definitions are written there):
 
 * ``easyedit`` (Wang et al. 2023, EasyEdit / Yao et al. 2023 "Editing Large Language
   Models"): teacher-forced *token accuracies* -- ``rewrite_acc``, ``rephrase_acc``,
@@ -126,12 +129,38 @@ METRICS: dict[str, MetricInfo] = {
         True,
         "harmonic mean of efficacy, paraphrase and neighborhood success (aggregate only)",
     ),
+    # generation-based (WILD, Yang et al. 2025; kedit.evaluation.wild): greedy answer from the
+    # prompt alone, <= 50 tokens, cut at ".", a newline or end of text
+    "gen_rewrite_acc": MetricInfo(
+        "wild", True, "the generated answer to the edit prompt contains target_new (normalised words)"
+    ),
+    "gen_rewrite_em": MetricInfo(
+        "wild", True, "the generated answer to the edit prompt is target_new (normalised exact match)"
+    ),
+    "gen_rewrite_judge": MetricInfo("wild", True, "a local judge model says the edit prompt's answer is target_new"),
+    "gen_rephrase_acc": MetricInfo("wild", True, "as gen_rewrite_acc, mean over the rephrased prompts"),
+    "gen_rephrase_em": MetricInfo("wild", True, "as gen_rewrite_em, mean over the rephrased prompts"),
+    "gen_rephrase_judge": MetricInfo("wild", True, "as gen_rewrite_judge, mean over the rephrased prompts"),
+    "gen_portability_acc": MetricInfo(
+        "wild", True, "generated answers containing a portability answer (any alias; mean over kinds)"
+    ),
+    "gen_portability_em": MetricInfo("wild", True, "generated answers equal to a portability answer (mean over kinds)"),
+    "gen_portability_judge": MetricInfo("wild", True, "judge says the portability answer is right (mean over kinds)"),
+    "gen_locality_acc": MetricInfo(
+        "wild", True, "share of locality prompts whose generated answer is the pre-edit one (mean over kinds)"
+    ),
+    "gen_judge_parsed": MetricInfo("wild", True, "share of the judge's replies that said yes or no"),
+    # what editing costs the model (kedit.evaluation.cost): the whole model, not the case
+    "ppl": MetricInfo("cost", False, "perplexity on the first 20,000 tokens of the shipped WikiText-2 test split"),
+    "retained_acc": MetricInfo(
+        "cost", True, "share of 200 shipped facts the unedited model knew that the model still gets right"
+    ),
 }
 
 _SUCCESS_NAMES = ("efficacy_success", "paraphrase_success", "neighborhood_success")
 
 #: Metrics that also get one value per kind (prompt-set name): ``<metric>.<kind>``.
-PER_KIND = ("locality_acc", "portability_acc")
+PER_KIND = ("locality_acc", "portability_acc", "gen_locality_acc", "gen_portability_acc")
 #: Prefix of the per-case prompt counts behind a per-kind value (``n.portability_acc.Reasoning``).
 COUNT_PREFIX = "n."
 
