@@ -20,6 +20,14 @@ DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
 # kedit.data.cases.FORMATS, written out so that --help does not import the data layer
 FORMAT_HELP = "cases layout: auto | kedit | easyedit | rome | zsre | knowedit | wikibio"
+EvalOpt = typer.Option("teacher", "--eval", help="teacher (teacher-forced metrics) | generate (scores of greedy "
+                       "answers, the WILD protocol) | all (both)")
+CostOpt = typer.Option(False, "--cost", help="also measure what editing costs the model: ppl on WikiText-2 test, "
+                       "retained_acc on 200 shipped known facts")
+ChatOpt = typer.Option(False, "--chat-template", help="with --eval generate|all: ask through the model's chat template")
+PplTokensOpt = typer.Option(20000, "--ppl-tokens", help="with --cost: tokens of the WikiText-2 test split for ppl")
+JudgeOpt = typer.Option(None, "--judge", help="with --eval generate|all: a local causal LM directory that grades "
+                        "each answer yes/no (gen_*_judge)")
 
 
 def fail(msg: str) -> None:
@@ -47,6 +55,34 @@ def user_errors():
     from kedit.models.load import ModelError
 
     return (CasesError, ConfigError, CorpusError, ModelError, UnsupportedArchitecture)
+
+
+def evaluation_options(eval_mode: str, cost: bool, chat_template: bool, ppl_tokens: int, judge) -> None:
+    """Refuse option values that cannot work together, in one line, before any work."""
+    from kedit.evaluation.suite import EVAL_MODES
+
+    if eval_mode not in EVAL_MODES:
+        fail(f"--eval {eval_mode}: choose one of {' | '.join(EVAL_MODES)}")
+    at_least(2, ppl_tokens=ppl_tokens)
+    generates = eval_mode in ("generate", "all")
+    if (chat_template or judge) and not generates:
+        fail("--chat-template and --judge go with --eval generate or --eval all")
+    if ppl_tokens != 20000 and not cost:
+        fail("--ppl-tokens goes with --cost")
+    if judge and not Path(judge).is_dir():
+        fail(f"--judge {judge}: not a directory (a local causal LM: config.json, weights, tokenizer)")
+
+
+def make_evaluation(loaded, eval_mode: str, cost: bool, chat_template: bool, ppl_tokens: int, judge,
+                    device: str, dtype: str):
+    """The :class:`~kedit.evaluation.suite.Evaluation` the options ask for (the judge loaded)."""
+    from kedit.evaluation.suite import Evaluation
+
+    if chat_template and not getattr(loaded.tokenizer, "chat_template", None):
+        fail(f"--chat-template: the tokenizer of {loaded.name} has no chat template")
+    judge_model = _load(str(judge), device, dtype) if judge else None
+    return Evaluation.from_options(eval_mode, cost=cost, chat_template=chat_template, ppl_tokens=ppl_tokens,
+                                   judge=judge_model)
 
 
 def _say(msg: str) -> None:
@@ -191,7 +227,8 @@ def stats(model: str = ModelOpt,
 
 METRIC_COLUMNS = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "locality",
                   "portability_acc": "portab.", "efficacy_success": "ES", "paraphrase_success": "PS",
-                  "neighborhood_success": "NS"}
+                  "neighborhood_success": "NS", "gen_rewrite_acc": "gen rw", "gen_rephrase_acc": "gen rp",
+                  "gen_locality_acc": "gen loc"}
 
 
 def _fmt(v) -> str:
@@ -241,6 +278,8 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
          fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
          editor: Optional[str] = typer.Option(None, "--editor", help="trained methods (mend, serac): the `kedit train` "
                                               "run to edit with (default: the newest for this model)"),
+         eval_mode: str = EvalOpt, cost: bool = CostOpt, chat_template: bool = ChatOpt,
+         ppl_tokens: int = PplTokensOpt, judge: Optional[Path] = JudgeOpt,
          device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Edit a model, measure every case before and after, write runs/<id>/."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -252,9 +291,11 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
 
     at_least(1, batch_size=batch_size)
     at_least(0, gen_tokens=gen_tokens)
+    evaluation_options(eval_mode, cost, chat_template, ppl_tokens, judge)
     try:
         case_list = load_cases(cases, fmt)
         loaded = _load(model, device, dtype)
+        evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
         overrides = {**parse_sets(set_), **({"editor": editor} if editor else {})}
         meth, source = make_method(loaded, method, str(hparams) if hparams else None, overrides, ctx)
@@ -264,6 +305,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
         fail(str(e))
     config = resolved_config(loaded, meth, source, cases_file=str(cases), cases=case_list, sequential=sequential,
                              batch_size=batch_size, command=" ".join(["kedit", *sys.argv[1:]]))
+    config["evaluation"] = evaluation.describe()
     _say(f"{method} on {loaded.name} ({loaded.device}, {config['model']['dtype']}), {len(case_list)} cases, "
          f"hparams {source}")
     try:
@@ -272,7 +314,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
                       TimeRemainingColumn(), console=err, transient=False) as bar:
             task = bar.add_task("edit", total=len(case_list))
             result = run_edits(meth, case_list, sequential=sequential, batch_size=batch_size,
-                               progress=lambda k: bar.advance(task, k))
+                               progress=lambda k: bar.advance(task, k), evaluation=evaluation)
         gens = generations_before_after(loaded, result, gen_tokens) if gen_tokens > 0 else None
     except user_errors() as e:
         fail(str(e))
@@ -280,6 +322,9 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
         err.print("interrupted: no run directory written")
         raise typer.Exit(130)
     print_result(result)
+    if evaluation.seconds:
+        console.print("evaluation seconds by part (pre + post): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in evaluation.seconds.items()), highlight=False)
     if gens:
         from kedit.evaluation.generation import render_table
 
@@ -311,6 +356,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           data: Optional[str] = typer.Option(None, "--data", help="another file of the benchmark (any kedit layout)"),
           editor: Optional[str] = typer.Option(None, "--editor", help="trained methods (mend, serac): the `kedit train` "
                                                "run to edit with (default: the newest for this model)"),
+          eval_mode: str = EvalOpt, cost: bool = CostOpt, chat_template: bool = ChatOpt,
+          ppl_tokens: int = PplTokensOpt, judge: Optional[Path] = JudgeOpt,
           out: Path = typer.Option(Path("runs"), "--out"),
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted bench run"),
           seed: int = typer.Option(0, "--seed"),
@@ -336,12 +383,17 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             method, model, seed = cfg["method"], cfg["model"]["name"], cfg["seed"]
             device, dtype, stats_dir = cfg["model"]["device"], cfg["model"]["dtype"], cfg["stats_dir"]
             overrides, hparams = cfg["hparams"], None
+            ev_cfg = b.get("evaluation") or {}
+            eval_mode, cost = ev_cfg.get("mode", "teacher"), ev_cfg.get("cost", False)
+            chat_template, ppl_tokens = ev_cfg.get("chat_template", False), ev_cfg.get("ppl_tokens", 20000)
+            judge = Path(ev_cfg["judge"]) if ev_cfg.get("judge") else None
         else:
             if benchmark is None:
                 fail("give a benchmark (counterfact | zsre | knowedit | portability) or --resume RUN_DIR")
             overrides = {**parse_sets(set_), **({"editor": editor} if editor else {})}
         at_least(1, n=n, batch_size=batch_size, checkpoint_every=checkpoint_every, gen_tokens=gen_tokens)
         at_least(0, offset=offset)
+        evaluation_options(eval_mode, cost, chat_template, ppl_tokens, judge)
         if checkpoint_every is not None and not sequential:
             fail("--checkpoint-every needs --sequential")
         if (reference or gen_tokens != 100) and not generation:
@@ -356,6 +408,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         bm = get_benchmark(benchmark, subset)
         cases = load_benchmark(benchmark, data, n, offset, subset=subset)
         loaded = _load(model, device, dtype)
+        evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
         extra = None
         if generation:
             from functools import partial
@@ -386,7 +439,9 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                            "sequential": sequential, "checkpoint_every": checkpoint_every,
                            "generation": generation, "gen_tokens": gen_tokens,
                            "reference": str(reference) if reference else None,
-                           "data": data, "note": bm.note, "fluency": bm.fluency or None}
+                           "data": data, "note": bm.note, "fluency": bm.fluency or None,
+                           "evaluation": {"mode": eval_mode, "cost": cost, "chat_template": chat_template,
+                                          "ppl_tokens": ppl_tokens, "judge": str(judge) if judge else None}}
         run_id = new_run_id(f"bench-{bm.label.replace('/', '-')}-{method}", loaded.name, config)
         run_dir = Path(out) / unique_run_id(Path(out), run_id)
         run_dir.mkdir(parents=True)
@@ -410,7 +465,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             from kedit.runs.rundir import read_results
             bar.update(task, completed=len(read_results(run_dir / "results.jsonl")))
             metrics = run_bench(meth, cases, run_dir, batch_size=batch_size, sequential=sequential,
-                                checkpoint_every=checkpoint_every, progress=on_case, extra_metrics=extra)
+                                checkpoint_every=checkpoint_every, progress=on_case, extra_metrics=extra,
+                                evaluation=evaluation)
     except KeyboardInterrupt:
         err.print(f"interrupted: resume with  kedit bench --resume {run_dir}")
         raise typer.Exit(130)
@@ -431,6 +487,10 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         console.print(f"time: edits {ts['edit_s']:.0f} s, evaluation {ts['pre_eval_s'] + ts['eval_s']:.0f} s "
                       f"(pre {ts['pre_eval_s']:.0f} s + post {ts['eval_s']:.0f} s) = {100 * ts['eval_share']:.0f}% "
                       "of the edit + evaluation time")
+        split = {k.removeprefix("eval_").removesuffix("_s"): v for k, v in ts.items()
+                 if k.startswith("eval_") and k.endswith("_s") and k != "eval_s"}
+        if split:
+            console.print("evaluation by part (pre + post): " + ", ".join(f"{k} {v:.0f} s" for k, v in split.items()))
     console.print(f"run: [bold]{run_dir}[/bold]  ({bm.note})")
 
 

@@ -196,7 +196,8 @@ def load_checkpoint(run_dir: Path) -> tuple[int, SiteStates, dict[str, torch.Ten
 
 
 def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
-                    checkpoint_every: int | None, progress: Callable[[dict], None] | None, extra_metrics) -> dict:
+                    checkpoint_every: int | None, progress: Callable[[dict], None] | None, extra_metrics,
+                    evaluation=None) -> dict:
     log, curve_log = run_dir / "results.jsonl", run_dir / CURVE
     saved = load_checkpoint(run_dir)
     resume = None
@@ -226,7 +227,8 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
         curve.append(point)
 
     result = run_edits(method, cases, sequential=True, batch_size=size, checkpoint_every=checkpoint_every,
-                       on_checkpoint=on_point, on_batch=on_batch, resume=resume, extra_metrics=extra_metrics)
+                       on_checkpoint=on_point, on_batch=on_batch, resume=resume, extra_metrics=extra_metrics,
+                       evaluation=evaluation)
     write_text(log, "".join(json.dumps(r) + "\n" for r in result.records))
     metrics = metrics_summary(result.records)
     if curve:
@@ -239,18 +241,20 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
 
 def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: int | None = None,
               sequential: bool = False, checkpoint_every: int | None = None,
-              progress: Callable[[dict], None] | None = None, extra_metrics=None) -> dict:
+              progress: Callable[[dict], None] | None = None, extra_metrics=None, evaluation=None) -> dict:
     """Edit and evaluate ``cases``, appending each finished case to ``run_dir/results.jsonl``.
 
     Cases already in the log (from an interrupted run) are skipped (sequential runs go
     on from their checkpoint); returns metrics.json's content once every case is done.
+    ``evaluation`` (:class:`kedit.evaluation.suite.Evaluation`) is what is measured
+    (default: the teacher-forced metrics).
     """
     run_dir = Path(run_dir)
     log = run_dir / "results.jsonl"
     native = getattr(method, "batch_native", False)
     size = batch_size or (len(cases) if native else 1)
     if sequential:
-        return _run_sequential(method, cases, run_dir, size, checkpoint_every, progress, extra_metrics)
+        return _run_sequential(method, cases, run_dir, size, checkpoint_every, progress, extra_metrics, evaluation)
     if checkpoint_every:
         raise BenchError("--checkpoint-every needs --sequential (independent edits have no accumulated state)")
     done = complete_records(read_results(log), size)
@@ -270,7 +274,7 @@ def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: i
             progress(rec)
 
     if todo:
-        run_edits(method, todo, batch_size=size, on_case=on_case, extra_metrics=extra_metrics)
+        run_edits(method, todo, batch_size=size, on_case=on_case, extra_metrics=extra_metrics, evaluation=evaluation)
     records = read_results(log)
     metrics = metrics_summary(records)
     metrics["time"] = time_split(records)
@@ -281,13 +285,25 @@ def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: i
 def time_split(records: Sequence[dict]) -> dict:
     """Where a bench run's time went, summed over its cases (seconds): ``edit`` (the method),
     ``pre_eval`` / ``eval`` (evaluation before / after the edit; a sequential run's
-    checkpoint evaluations are not included) and ``eval_share`` = evaluation / (edit + evaluation)."""
+    checkpoint evaluations are not included) and ``eval_share`` = evaluation / (edit + evaluation).
+    With more than the teacher-forced metrics, the evaluation seconds of each part, before and
+    after together: ``eval_teacher_s``, ``eval_generate_s``, ``eval_cost_s``."""
     edit = sum(r.get("time", {}).get("edit", 0.0) for r in records)
     pre = sum(r.get("time", {}).get("pre_eval", 0.0) for r in records)
     post = sum(r.get("time", {}).get("eval", 0.0) for r in records)
     total = edit + pre + post
-    return {"edit_s": round(edit, 3), "pre_eval_s": round(pre, 3), "eval_s": round(post, 3),
-            "eval_share": round((pre + post) / total, 4) if total > 0 else 0.0}
+    out = {"edit_s": round(edit, 3), "pre_eval_s": round(pre, 3), "eval_s": round(post, 3),
+           "eval_share": round((pre + post) / total, 4) if total > 0 else 0.0}
+    split: dict[str, float] = {}
+    for r in records:
+        for k, v in r.get("time", {}).items():
+            for prefix in ("pre_eval_", "eval_"):
+                if k.startswith(prefix):
+                    split[k.removeprefix(prefix)] = split.get(k.removeprefix(prefix), 0.0) + v
+                    break
+    if set(split) - {"teacher"}:
+        out.update({f"eval_{k}_s": round(v, 3) for k, v in sorted(split.items())})
+    return out
 
 
 def save_bench_config(run_dir: Path, config: dict) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kedit.data.cases import EditCase, EditRequest
-from kedit.evaluation import aggregate, evaluate_cases
+from kedit.evaluation import aggregate
+from kedit.evaluation.suite import Evaluation
 from kedit.methods.base import Method, RunContext
 from kedit.methods.edit import Edit, SiteState, restore_sites
 from kedit.runs.result import EditResult, supersedes
@@ -69,7 +70,8 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
               on_checkpoint: Callable[[dict], None] | None = None,
               on_batch: Callable[[list[dict], SiteStates], None] | None = None,
               resume: Resume | None = None,
-              extra_metrics: Callable[[Sequence[EditCase]], list[dict]] | None = None) -> EditResult:
+              extra_metrics: Callable[[Sequence[EditCase]], list[dict]] | None = None,
+              evaluation: Evaluation | None = None) -> EditResult:
     """Edit ``cases`` with ``method`` on its model and measure every case before and after.
 
     Independent mode (default): each batch is edited from the original weights and the
@@ -87,17 +89,36 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
 
     ``extra_metrics(cases) -> [dict per case]`` measures more on the model as it stands
     (e.g. generation fluency); its values join ``pre`` and ``post`` (not the curve).
+
+    ``evaluation`` (default: the teacher-forced metrics alone, batches of
+    ``eval_batch_size``) says what is measured per case (teacher-forced and/or
+    generation-based scores) and per model state (``ppl``, ``retained_acc``: once before
+    editing; after each independent batch; for sequential runs at every checkpoint and
+    after the last edit, not after each edit).  With generation-based scores each record
+    keeps the answers generated (``answers``); ``time`` splits the evaluation seconds by
+    part (``eval_teacher``, ``eval_generate``, ``eval_cost``; ``pre_eval_*`` before).
     """
+    ev = evaluation if evaluation is not None else Evaluation(batch_size=eval_batch_size)
+
+    def parts(before: dict[str, float], prefix: str, n: int) -> dict[str, float]:
+        return {f"{prefix}_{k}": (v - before.get(k, 0.0)) / n for k, v in ev.seconds.items()
+                if v - before.get(k, 0.0) > 0}
 
     def measure(chunk: Sequence[EditCase], ref):
-        got, _ = evaluate_cases(model, tok, chunk, ref, batch_size=eval_batch_size)
+        got, details, _ = ev.cases(loaded, chunk, ref)
         if extra_metrics is not None:
             for m, e in zip(got, extra_metrics(chunk)):
                 m.update(e)
-        return got
+        return got, details
+
+    def with_model(per_case: list[dict]) -> list[dict]:
+        whole = ev.model(loaded)
+        for m in per_case:
+            m.update(whole)
+        return per_case
 
     loaded = method.loaded
-    model, tok = loaded.model, loaded.tokenizer
+    model = loaded.model
     ctx: RunContext = method.ctx
     torch.manual_seed(ctx.seed)
     size = batch_size or (len(cases) if getattr(method, "batch_native", False) else 1)
@@ -108,11 +129,14 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
     t_prepare = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pre, reference = evaluate_cases(model, tok, cases, batch_size=eval_batch_size)
+    before_pre = dict(ev.seconds)
+    pre, pre_details, reference = ev.cases(loaded, cases)
     if extra_metrics is not None:
         for m, e in zip(pre, extra_metrics(cases)):
             m.update(e)
+    with_model(pre)
     t_pre = time.perf_counter() - t0
+    pre_parts = parts(before_pre, "pre_eval", len(cases))
 
     records: list[dict] = []
     edits: dict[str, Edit] = {}
@@ -143,16 +167,23 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
                 for site, state in edit.originals.items():
                     snapshot.setdefault(site, (type(edit), state))
             t0 = time.perf_counter()
-            post = measure(chunk, reference)
+            before_eval = dict(ev.seconds)
+            post, post_details = measure(chunk, reference)
+            if not sequential:
+                with_model(post)
             t_eval = time.perf_counter() - t0
+            eval_parts = parts(before_eval, "eval", len(chunk))
             info = {c.get("case_id"): c for c in edit.meta.get("cases", [])}
             batch_records = []
-            for i, case, m in zip(batch, chunk, post):
+            for i, case, m, d in zip(batch, chunk, post, post_details):
                 rec = {"case_id": case.case_id, "pre": pre[i], "post": m,
                        "time": {"edit": t_edit / len(chunk), "eval": t_eval / len(chunk), "pre_eval": t_pre / len(cases),
+                                **eval_parts, **pre_parts,
                                 **{k: v / len(chunk) for k, v in phases.items()}},
                        "method": {k: v for k, v in info.get(case.case_id, {}).items() if k not in ("case_id", "time")},
                        "batch": batch.start // size}
+                if "answers" in d:
+                    rec["answers"] = {"pre": pre_details[i]["answers"], "post": d["answers"]}
                 records.append(rec)
                 batch_records.append(rec)
                 if on_case:
@@ -169,7 +200,8 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
                 edits[f"batch{batch.start // size}"] = edit
                 if next_point is not None and (batch.stop >= next_point or batch.stop == len(cases)):
                     t0 = time.perf_counter()
-                    now, _ = evaluate_cases(model, tok, cases[: batch.stop], reference, batch_size=eval_batch_size)
+                    now, _, _ = ev.cases(loaded, cases[: batch.stop], reference)
+                    with_model(now)
                     point = metrics_summary([{"pre": pre[i], "post": m} for i, m in enumerate(now)])
                     if on_checkpoint:
                         on_checkpoint({"edits": batch.stop, "n": batch.stop, "post": point["post"],
@@ -185,9 +217,12 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
                     edits[case.case_id] = edit
         if sequential:
             t0 = time.perf_counter()
-            final = measure(cases, reference)
-            for rec, m in zip(records, final):
+            final, final_details = measure(cases, reference)
+            with_model(final)
+            for rec, m, d in zip(records, final, final_details):
                 rec["post_immediate"], rec["post"] = rec["post"], m
+                if "answers" in rec and "answers" in d:
+                    rec["answers"]["post_immediate"], rec["answers"]["post"] = rec["answers"]["post"], d["answers"]
             ctx.add_time("final_eval", time.perf_counter() - t0)
     finally:
         # Sequential: leave the caller's model as it was (every site back to its first state).
