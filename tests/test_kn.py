@@ -142,3 +142,17 @@ def test_params_and_shipped_config():
     p = load_params(KnParams, configs_dir() / "methods/kn/smollm2-135m.yaml")
     assert p.steps == 20 and p.adaptive_threshold == 0.2
     assert get_method("KN") is KN
+
+
+def test_activation_sign_writes_the_change_along_each_neurons_activation():
+    """activation_sign: a neuron whose bare-prompt activation is negative gets −(λ_t e_t − λ_o e_o)."""
+    loaded = tiny_model("llama")                      # SwiGLU: activations of both signs
+    plain, signed = make(loaded), make(loaded, activation_sign=True)
+    a, b = plain.compute([REQUEST]), signed.compute([REQUEST])
+    answer = a.meta["cases"][0]["answer_token"]
+    kept, _, bare = signed._neurons(REQUEST, answer)
+    signs = {n: float(torch.sign(bare[n[0], n[1]])) for n in kept}
+    assert set(signs.values()) == {1.0, -1.0}        # the case covers both
+    for (layer, i), s in signs.items():
+        name = loaded.adapter.mlp_out_param(layer)
+        assert torch.equal(b.tensors[name][:, i], s * a.tensors[name][:, i])

@@ -28,7 +28,11 @@ stream.  For a prompt x and its answer token y (the original answer's first toke
 
    e(·) the input word embedding of the first token of the new target and of the
    original answer (``target_true``; without one, the model's argmax at the bare
-   prompt's last position), λ = ``lambda_target``, ``lambda_orig``.
+   prompt's last position), λ = ``lambda_target``, ``lambda_orig``.  With
+   ``activation_sign: true`` (kedit's option, off by default) the change is multiplied by
+   sign(ā_l,i) of the bare prompt: a neuron whose activation is negative (SiLU/GELU gates
+   and SwiGLU products can be) would otherwise write −e(target) into the residual stream;
+   the paper's BERT neurons (GELU outputs) are mostly positive.
 
 Cost: the positions before the last one do not depend on the scaled activations, so
 their attention keys/values are computed once per prompt and every (layer, step) pair
@@ -78,6 +82,7 @@ class KnParams:
     context_template_length_params: tuple[tuple[int, int], ...] = ((10, 2),)
     lambda_target: float = 8.0
     lambda_orig: float = 1.0
+    activation_sign: bool = False             # kedit's option: write sign(ā_l,i) × the change (see docstring)
     batch_rows: int = 200                     # (layer, step) rows per forward
 
     def check(self) -> str | None:
@@ -116,6 +121,10 @@ class KN(Method):
     def attribution(self, ids: Sequence[int], answer: int) -> torch.Tensor:
         """Integrated gradients of P(answer | ids) at the last position, ``(len(layers), d_key)``
         float32 (see the module docstring)."""
+        return self._attribution(ids, answer)[0]
+
+    def _attribution(self, ids: Sequence[int], answer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attribution, ā): the attribution and the unedited activations, both ``(len(layers), d_key)``."""
         loaded, adapter, p = self.loaded, self.adapter, self.params
         model, device = loaded.model, loaded.device
         mods = {str(layer): adapter.mlp_out(layer) for layer in self.layers}
@@ -164,23 +173,29 @@ class KN(Method):
                 got = torch.autograd.grad(prob.sum(), [leaves[li] for li in rows_of])
             for li, g in zip(rows_of, got):
                 grads[li] += g.sum(0)
-        return base * grads / p.steps
+        return base * grads / p.steps, base
 
     def neurons(self, request: EditRequest, answer: int) -> tuple[list[tuple[int, int]], list[dict]]:
         """The kept neurons ``(layer, index)`` for one request, and per-prompt details."""
+        return self._neurons(request, answer)[:2]
+
+    def _neurons(self, request: EditRequest, answer: int):
+        """Kept neurons, per-prompt details, and the bare prompt's activations ā (layers, d_key)."""
         p = self.params
         rows = key_rows(self.loaded.tokenizer, [request], self.templates, "last")
         counts: Counter = Counter()
         details = []
+        bare = None
         for row in rows:
-            attr = self.attribution(row.ids, answer)
+            attr, base = self._attribution(row.ids, answer)
+            bare = base if bare is None else bare
             top = float(attr.max())
             coarse = (attr > p.adaptive_threshold * top).nonzero().tolist() if top > 0 else []
             counts.update((self.layers[li], i) for li, i in coarse)
             details.append({"max_attribution": top, "coarse": len(coarse)})
         need = p.p * len(rows) if p.refine else 0
         kept = sorted(n for n, c in counts.items() if c > need)
-        return kept, details
+        return kept, details, bare
 
     # --- the edit -------------------------------------------------------------------------
     def _first_token(self, prompt: str, text: str) -> int:
@@ -203,14 +218,15 @@ class KN(Method):
                 ids = torch.tensor([list(loaded.tokenizer(r.prompt)["input_ids"])], device=loaded.device)
                 with torch.no_grad():
                     orig = int(loaded.model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
-            kept, details = self.neurons(r, orig)
+            kept, details, bare = self._neurons(r, orig)
             t1 = time.perf_counter()
             write = (self.params.lambda_target * emb[target].double() - self.params.lambda_orig * emb[orig].double())
             for layer, i in kept:
+                sign = float(torch.sign(bare[self.layers.index(layer), i])) if self.params.activation_sign else 1.0
                 if layer not in cols:
                     d_out = adapter.weight_out_in(layer).shape[0]
                     cols[layer] = torch.zeros(d_out, adapter.key_size, dtype=torch.float64, device=loaded.device)
-                cols[layer][:, i] += write.to(loaded.device)
+                cols[layer][:, i] += sign * write.to(loaded.device)
             self.ctx.add_time("locate", t1 - t0)
             self.ctx.add_time("update", time.perf_counter() - t1)
             info.append({"case_id": r.case_id, "neurons": [list(n) for n in kept], "n_neurons": len(kept),
