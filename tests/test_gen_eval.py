@@ -69,6 +69,10 @@ def test_exact_match_and_containment_with_aliases():
     assert not answer_contains("Parisian food", ["Paris"])     # not inside a word
     assert answer_contains("the U.S.A", ["USA"])               # punctuation removed on both sides
     assert not answer_contains("the", ["The"])
+    assert answer_contains("Apple's own design", ["Apple"])           # punctuation as a word break too
+    assert answer_contains("trance-dance to the tune", ["trance"])
+    assert not exact_match("Apple's", ["Apple"])                       # exact match: SQuAD's deletion only
+    assert normalize_answer("Apple's trance-dance", " ") == "apple s trance dance"
     # containment is never stricter than exact match
     for a, g in [("Paris", ["paris"]), ("a Rome", ["Rome"]), ("x", ["y"])]:
         assert answer_contains(a, g) >= exact_match(a, g)

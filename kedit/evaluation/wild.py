@@ -20,7 +20,8 @@ its rephrasings, the alias list of a portability prompt):
 
 * ``em``  = 1 if ``norm(A) == norm(g)`` for some ``g`` in ``G`` (WILD's fallback metric);
 * ``acc`` = 1 if some ``norm(g)`` (not empty) occurs in ``norm(A)`` as whole words
-  (answer containment).  **The headline**: the answer is already cut at the first
+  (answer containment; also tried with punctuation read as a word break, so that
+  "Apple's" contains "Apple").  **The headline**: the answer is already cut at the first
   sentence end, and a small model that answers "Lionel Messi plays basketball" has the
   fact right; exact match counts it wrong.  Containment is what WILD's judge asks
   ("fully contains the important information") without its check for contradictions,
@@ -73,11 +74,12 @@ MAX_NEW_TOKENS = 50
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
-def normalize_answer(text: str) -> str:
+def normalize_answer(text: str, punctuation: str = "") -> str:
     """Lower case, punctuation removed (every Unicode punctuation character, not only
-    ASCII's), the articles a/an/the removed as words, whitespace collapsed."""
+    ASCII's; replaced by ``punctuation``: SQuAD's and WILD's normalisation deletes it), the
+    articles a/an/the removed as words, whitespace collapsed."""
     text = text.lower()
-    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    text = "".join(punctuation if unicodedata.category(ch).startswith("P") else ch for ch in text)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
@@ -91,9 +93,14 @@ def exact_match(answer: str, accepted: Sequence[str]) -> bool:
 
 def answer_contains(answer: str, accepted: Sequence[str]) -> bool:
     """Some accepted answer, normalised and not empty, occurs in the normalised answer as
-    a run of whole words ("paris" is in "paris france", not in "parisian")."""
-    a = f" {normalize_answer(answer)} "
-    return any(g and f" {g} " in a for g in (normalize_answer(x) for x in accepted))
+    a run of whole words ("paris" is in "paris france", not in "parisian").  Tried with
+    punctuation deleted (so "USA" is in "the U.S.A") and with punctuation as a word break
+    (so "Apple" is in "Apple's design" and "trance" in "trance-dance")."""
+    for sep in ("", " "):
+        a = f" {normalize_answer(answer, sep)} "
+        if any(g and f" {g} " in a for g in (normalize_answer(x, sep) for x in accepted)):
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- prompts
@@ -116,7 +123,7 @@ class WildSettings:
 
     max_new_tokens: int = MAX_NEW_TOKENS
     chat_template: bool = False
-    batch_size: int = 16
+    batch_size: int = 64       # prompts per generate call: a batch runs until its longest answer stops
     stop: tuple[str, ...] = STOP
     _stop_ids: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
