@@ -337,6 +337,28 @@ def test_irrelevant_prompts_are_deterministic_and_never_the_edits_own_case(tmp_p
         method(loaded, irrelevant_data=str(path), n_irrelevant=4).irrelevant_texts(req, 0)
 
 
+def test_subject_swaps_ask_the_edit_question_of_other_subjects(tmp_path):
+    records = [{"subject": s, "src": f"What is {s}?", "loc": f"nq question: {s}", "loc_ans": "x"}
+               for s in ("Oslo", "the kingdom of france", "Peru", "Oslo", "Chopin")]
+    path = tmp_path / "pool.json"
+    path.write_text(json.dumps(records))
+    loaded = tiny_model("llama")
+    req = EditRequest.from_case(CASE)           # subject "the Kingdom of France"
+    m = method(loaded, irrelevant_data=str(path), n_subject_swaps=2)
+    draws = [m.swapped_texts(req, n) for n in range(30)]
+    assert draws == [m.swapped_texts(req, n) for n in range(30)]          # deterministic
+    assert all(len(set(d)) == 2 for d in draws)
+    # the edit's template with another subject (never its own, whatever the case), each seen
+    assert {t for d in draws for t in d} == {CASE.template.replace("{}", s) for s in ("Oslo", "Peru", "Chopin")}
+    assert method(loaded, irrelevant_data=str(path)).swapped_texts(req, 0) == []     # the paper: none
+    # they are trained as irrelevant inputs: the rows of an edit grow by them
+    rows, irrelevant = m._rows(req, 0)
+    plain = method(loaded, irrelevant_data=str(path))._rows(req, 0)[1]
+    assert len(irrelevant) == len(plain) + 2
+    with pytest.raises(ConfigError, match="n_subject_swaps"):
+        build_params(WiseParams, {"n_subject_swaps": -1}, "test")
+
+
 def test_sequential_resume_equals_uninterrupted(tmp_path, monkeypatch):
     # save every edit, merge every second: merges happen at the 2nd and 4th of the 5 edits
     want = contract.check_sequential_resume(tmp_path, monkeypatch, "wise",

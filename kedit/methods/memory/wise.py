@@ -127,6 +127,10 @@ Where EasyEdit differs, and what kedit does
 * Early stopping is checked on the current and previous loss (EasyEdit: on the two
   previous ones); the recorded score is that of the final ``ΔW``.
 * ``n_irrelevant`` irrelevant inputs per edit (EasyEdit: one); 1 gives EasyEdit's loss.
+* ``n_subject_swaps`` more irrelevant inputs per edit (default 0, the paper): the edit's
+  own template asked of other subjects (the ``subject`` values of the irrelevant-data
+  file).  The routing score averages over the input's tokens, and for a prompt of the
+  same relation the relation's tokens dominate it; these inputs penalise exactly that.
 * One edit per step: a batch of requests is edited one after another into the state.
 
 State
@@ -191,6 +195,7 @@ class WiseParams:
     context_template_length_params: tuple[tuple[int, int], ...] = ((5, 5), (10, 5))
     irrelevant_data: str | None = None     # JSON array with 'loc'/'loc_ans' (default: the shipped zsRE file)
     n_irrelevant: int = 1                  # irrelevant inputs per edit (EasyEdit: 1)
+    n_subject_swaps: int = 0               # kedit's: the edit's template with other subjects, as irrelevant inputs
 
     def check(self) -> str | None:
         if self.edit_lr <= 0:
@@ -215,6 +220,8 @@ class WiseParams:
             return "key 'weight_decay': must be >= 0"
         if self.n_irrelevant < 1:
             return "key 'n_irrelevant': must be >= 1"
+        if self.n_subject_swaps < 0:
+            return "key 'n_subject_swaps': must be >= 0"
         return None
 
 
@@ -477,6 +484,7 @@ class Wise(Method):
     def __init__(self, loaded, params, ctx=None):
         super().__init__(loaded, params, ctx)
         self._pool: list[tuple[str, str]] | None = None
+        self._subjects: list[str] | None = None
 
     # --- inputs ------------------------------------------------------------------------
     def irrelevant_pool(self) -> list[tuple[str, str]]:
@@ -490,6 +498,32 @@ class Wise(Method):
             if len(self._pool) < 2:
                 raise ValueError(f"{path}: WISE needs at least two records with 'loc' questions")
         return self._pool
+
+    def subject_pool(self) -> list[str]:
+        """The distinct ``subject`` values of the irrelevant-data file, in file order."""
+        if self._subjects is None:
+            path = self.params.irrelevant_data or str(package_data() / IRRELEVANT_FILE)
+            with open(path, encoding="utf-8") as f:
+                records = json.load(f)
+            self._subjects = list(dict.fromkeys(str(r["subject"]).strip() for r in records
+                                                if str(r.get("subject", "")).strip()))
+            if len(self._subjects) < 2:
+                raise ValueError(f"{path}: n_subject_swaps needs records with a 'subject'")
+        return self._subjects
+
+    def swapped_texts(self, request: EditRequest, count: int) -> list[str]:
+        """``n_subject_swaps`` inputs that ask the edit's question of other subjects: the edit's
+        template filled with subjects of the irrelevant-data file (never the edit's own),
+        drawn from ``(seed, count, case id, prompt)``.  The model must answer them as before,
+        so they teach the router the subject, not the relation (kedit's addition; 0 = the
+        paper)."""
+        k = self.params.n_subject_swaps
+        if k == 0:
+            return []
+        own = request.subject.strip().casefold()
+        subjects = [x for x in self.subject_pool() if x.casefold() != own]
+        rng = random.Random(_seed_int("swap", self.ctx.seed, count, request.case_id, request.prompt))
+        return [request.template.replace("{}", subjects[i], 1) for i in rng.sample(range(len(subjects)), k)]
 
     def irrelevant_texts(self, request: EditRequest, count: int) -> list[str]:
         """The irrelevant inputs of edit number ``count``: ``n_irrelevant`` records of the pool
@@ -552,7 +586,7 @@ class Wise(Method):
                 raise ValueError(f"case {request.case_id}: empty prompt, nothing to condition the target on")
             rows.append(Row(0, pt.input_ids, pt.target_start - 1, pt.target_start, pt.target_end))
         irrelevant = []
-        for text in self.irrelevant_texts(request, count):
+        for text in [*self.irrelevant_texts(request, count), *self.swapped_texts(request, count)]:
             ids = tuple(int(t) for t in tok(text)["input_ids"])
             irrelevant.append(Row(0, ids, len(ids) - 1, kind="irrelevant"))
         return rows, irrelevant
