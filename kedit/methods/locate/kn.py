@@ -12,7 +12,7 @@ stream.  For a prompt x and its answer token y (the original answer's first toke
 
    ā_l: layer l's activations at the prompt's last token in the unedited forward; the
    whole layer's activations at that position are scaled together from 0 to ā_l (as
-   the authors' and EasyEdit's code do), the rest of the forward runs as usual;
+   EasyEdit's code does), the rest of the forward runs as usual;
    m = ``steps`` (20, the paper's).  P is the next-token probability at the prompt's
    last position;
 2. coarse neurons of the prompt: Attr > t with t = ``adaptive_threshold`` × the
