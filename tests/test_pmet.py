@@ -1,6 +1,6 @@
 """PMET on tiny models: joint attention/MLP targets, the MLP-output residual spread by
 sqrt(remaining layers), only MLP output projections changed, batches made the argmax;
-and the shared layer loop (core.spread) reproducing MEMIT bit for bit."""
+and the shared layer loop (core.spread, also MEMIT's: tests/test_memit.py checks its residuals)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from contract import assert_revert_bit_identical, assert_save_load_same_logits
-from test_memit import _block_out_direct, argmax_hits, cases_for, memit, same, state
+from test_memit import _block_out_direct, argmax_hits, cases_for, same, state
 from tiny import tiny_model
 
 import kedit.methods.locate.memit as memit_mod
@@ -17,7 +17,6 @@ import kedit.methods.locate.pmet as pmet_mod
 from kedit.config import build_params, load_params
 from kedit.methods.base import EditRequest, RunContext
 from kedit.methods.core.keys import compute_keys
-from kedit.methods.core.spread import spread_over_layers
 from kedit.methods.locate.pmet import PMET, PmetParams
 from kedit.methods.registry import get_method
 from kedit.models.hooks import record
@@ -111,23 +110,6 @@ def test_mlp_residual_is_spread_by_sqrt_of_the_remaining_layers(tmp_path, monkey
         cur1 = torch.stack([_mlp_out_direct(loaded, c, 2) for c in cases])
         w.copy_(orig)
     assert torch.allclose(second[0], (z - cur1).T, atol=1e-5)
-
-
-def test_the_shared_layer_loop_is_memits(tmp_path):
-    """core.spread with MEMIT's choices (block output, linear spreading) gives MEMIT's delta bit for bit."""
-    loaded = tiny_model("qwen2")
-    cases = cases_for(loaded, 4)
-    requests = [EditRequest.from_case(c) for c in cases]
-    method = memit(loaded, tmp_path)
-    want = method.compute(requests)
-    tg = memit_mod.optimise_targets(loaded, requests, method.templates, loaded.adapter.block(2), "subject_last",
-                                    method.params.target_options(), seed=0)
-    tensors, info = spread_over_layers(loaded, requests, LAYERS, method.templates, "subject_last", tg.v0 + tg.delta,
-                                       current=lambda: memit_mod.block_outputs(loaded, requests, 2),
-                                       layer_update=method._layer_update, divisor=float)
-    assert tensors.keys() == want.tensors.keys()
-    assert all(torch.equal(tensors[k], want.tensors[k]) for k in tensors)
-    assert info == want.meta["layers"]
 
 
 def test_revert_and_save_load(tmp_path):

@@ -29,8 +29,9 @@ from typing import ClassVar
 import torch
 
 from kedit.methods.base import Delta, EditRequest, Method
-from kedit.methods.core.keys import compute_keys, read_at_fact_token
+from kedit.methods.core.keys import read_at_fact_token
 from kedit.methods.core.solve import least_squares_update
+from kedit.methods.core.spread import spread_over_layers
 from kedit.methods.core.templates import context_templates
 from kedit.methods.core.params import LocateEditParams
 from kedit.methods.core.values import optimise_targets
@@ -121,30 +122,10 @@ class MEMIT(Method):
         z = (tg.v0 + tg.delta).to(self.loaded.device)                        # (n, d)
         self.ctx.add_time("target", time.perf_counter() - t0)
 
-        applied: list[Delta] = []
-        tensors: dict[str, torch.Tensor] = {}
-        layer_info = []
-        try:
-            for i, layer in enumerate(p.layers):
-                t0 = time.perf_counter()
-                K = compute_keys(self.loaded, requests, [layer], self.templates, p.fact_token)[layer].mean(1)
-                K = K.T.to(self.loaded.device)                                   # (d_key, n)
-                cur_z = block_outputs(self.loaded, requests, last, p.fact_token)  # (n, d)
-                t1 = time.perf_counter()
-                R = (z - cur_z).T / (len(p.layers) - i)                           # (d_out, n)
-                dW = self._layer_update(layer, R, K)
-                name = adapter.mlp_out_param(layer)
-                upd = adapter.to_param_layout(dW).to(adapter.dtype)
-                applied.append(Delta({name: upd}).apply(model))
-                tensors[name] = upd
-                layer_info.append({"layer": layer, "residual_norm": float(R.norm()),
-                                   "update_norm": float(dW.norm())})
-                t2 = time.perf_counter()
-                self.ctx.add_time("key", t1 - t0)
-                self.ctx.add_time("update", t2 - t1)
-        finally:
-            for d in reversed(applied):
-                d.revert(model)
+        tensors, layer_info = spread_over_layers(
+            self.loaded, requests, p.layers, self.templates, p.fact_token, z,
+            current=lambda: block_outputs(self.loaded, requests, last, p.fact_token),
+            layer_update=self._layer_update, divisor=float, ctx=self.ctx)
 
         cases = [{"case_id": r.case_id, "steps": tg.steps[j], "loss": tg.loss[j], "nll": tg.nll[j],
                   "delta_norm": float(tg.delta[j].norm()), "v0_norm": float(tg.v0[j].norm())}
