@@ -15,7 +15,7 @@ converts an ``(out, in)`` update to the parameter's own layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -51,6 +51,20 @@ class ArchSpec:
     # is added, so only its direction reaches the residual.  None: ``v`` is added as it is.
     mlp_out_norm: str | None = None
 
+
+# LLaMA's paths, shared by the families built like it
+_LLAMA = ArchSpec(
+    family="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"),
+    layers="model.layers",
+    mlp="mlp",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+    attn="self_attn",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    weight_layout="out_in",
+)
 
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec(
@@ -90,36 +104,13 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
         final_norm="gpt_neox.final_layer_norm",
         weight_layout="out_in",
     ),
-    ArchSpec(
-        family="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"),
-        layers="model.layers",
-        mlp="mlp",
-        mlp_in=("mlp.gate_proj", "mlp.up_proj"),
-        mlp_out="mlp.down_proj",
-        attn="self_attn",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        weight_layout="out_in",
-    ),
+    _LLAMA,
     # Gemma-3 text models (google/gemma-3-270m): the LLaMA paths, plus four RMSNorms per
     # block (before and after attention, before and after the GeGLU MLP), token embeddings
     # multiplied by sqrt(hidden) inside the embedding module (so ``embed()(ids)`` is what
     # block 0 sees), sliding-window and global attention layers (``config.layer_types``),
     # a tokenizer that prepends <bos>, and a head tied to the embeddings.
-    ArchSpec(
-        family="gemma3",
-        model_types=("gemma3_text",),
-        layers="model.layers",
-        mlp="mlp",
-        mlp_in=("mlp.gate_proj", "mlp.up_proj"),
-        mlp_out="mlp.down_proj",
-        attn="self_attn",
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        weight_layout="out_in",
-        mlp_out_norm="post_feedforward_layernorm",
-    ),
+    replace(_LLAMA, family="gemma3", model_types=("gemma3_text",), mlp_out_norm="post_feedforward_layernorm"),
 )
 
 

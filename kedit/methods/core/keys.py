@@ -100,6 +100,14 @@ def read_at_fact_token(loaded, requests: Sequence[EditRequest], modules: dict[st
     return {name: torch.cat(v).reshape(len(requests), n_t, -1) for name, v in out.items()}
 
 
+def output_at_fact_token(loaded, requests: Sequence[EditRequest], module: torch.nn.Module,
+                         position: str = "subject_last") -> torch.Tensor:
+    """``module``'s output at the fact token of each bare prompt, ``(n, d)`` on the model's
+    device (MEMIT compares its targets with a block's, PMET with an MLP's)."""
+    return read_at_fact_token(loaded, requests, {"out": module}, ["{}"], position, inputs=False,
+                              stop_after=module)["out"][:, 0].to(loaded.device)
+
+
 def compute_keys(loaded, requests: Sequence[EditRequest], layers: Sequence[int], templates: Sequence[str],
                  position: str = "subject_last", batch_tokens: int = 8192) -> dict[int, torch.Tensor]:
     """Keys per layer, shape ``(n_requests, n_templates, d_key)`` in float32: the inputs of

@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 
 from kedit.methods.base import Delta, EditRequest, Method
-from kedit.methods.core.keys import read_at_fact_token
+from kedit.methods.core.keys import output_at_fact_token
 from kedit.methods.core.solve import least_squares_update
 from kedit.methods.core.spread import spread_over_layers
 from kedit.methods.core.templates import context_templates
@@ -60,13 +60,6 @@ class MemitParams(LocateEditParams):
         if self.mom2_update_weight <= 0:
             return "key 'mom2_update_weight': must be > 0 (λ·C + K Kᵀ must be invertible)"
         return super().check()
-
-
-def block_outputs(loaded, requests: Sequence[EditRequest], layer: int, position: str = "subject_last") -> torch.Tensor:
-    """Residual stream after block ``layer`` at the fact token of each bare prompt, ``(n, d)`` float32."""
-    block = loaded.adapter.block(layer)
-    return read_at_fact_token(loaded, requests, {"z": block}, ["{}"], position, inputs=False,
-                              stop_after=block)["z"][:, 0].to(loaded.device)
 
 
 @register
@@ -111,7 +104,7 @@ class MEMIT(Method):
     def compute(self, requests: Sequence[EditRequest]) -> Delta:
         """All requests in one update per layer; the model is back to its weights on return."""
         self.prepare()
-        p, adapter, model = self.params, self.adapter, self.loaded.model
+        p, adapter = self.params, self.adapter
         requests = list(requests)
         if not requests:
             return Delta({}, {"method": self.name, "cases": []})
@@ -124,7 +117,7 @@ class MEMIT(Method):
 
         tensors, layer_info = spread_over_layers(
             self.loaded, requests, p.layers, self.templates, p.fact_token, z,
-            current=lambda: block_outputs(self.loaded, requests, last, p.fact_token),
+            current=lambda: output_at_fact_token(self.loaded, requests, adapter.block(last), p.fact_token),
             layer_update=self._layer_update, divisor=float, ctx=self.ctx)
 
         cases = [{"case_id": r.case_id, "steps": tg.steps[j], "loss": tg.loss[j], "nll": tg.nll[j],

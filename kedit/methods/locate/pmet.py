@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from kedit.methods.base import Delta, EditRequest
-from kedit.methods.core.keys import read_at_fact_token
+from kedit.methods.core.keys import output_at_fact_token
 from kedit.methods.core.spread import spread_over_layers
 from kedit.methods.core.values import optimise_targets
 from kedit.methods.locate.memit import MEMIT, MemitParams
@@ -54,13 +54,6 @@ from kedit.methods.registry import register
 @dataclass(frozen=True)
 class PmetParams(MemitParams):
     pass
-
-
-def mlp_outputs(loaded, requests: Sequence[EditRequest], layer: int, position: str = "subject_last") -> torch.Tensor:
-    """The MLP output projection's output of ``layer`` at the fact token of each bare prompt, ``(n, d)``."""
-    mod = loaded.adapter.mlp_out(layer)
-    return read_at_fact_token(loaded, requests, {"v": mod}, ["{}"], position, inputs=False,
-                              stop_after=mod)["v"][:, 0].to(loaded.device)
 
 
 @register
@@ -84,7 +77,7 @@ class PMET(MEMIT):
         self.ctx.add_time("target", time.perf_counter() - t0)
         tensors, layer_info = spread_over_layers(
             self.loaded, requests, p.layers, self.templates, p.fact_token, z,
-            current=lambda: mlp_outputs(self.loaded, requests, last, p.fact_token),
+            current=lambda: output_at_fact_token(self.loaded, requests, adapter.mlp_out(last), p.fact_token),
             layer_update=self._layer_update, divisor=math.sqrt, ctx=self.ctx)
         cases = [{"case_id": r.case_id, "steps": tg.steps[j], "loss": tg.loss[j], "nll": tg.nll[j],
                   "delta_norm": float(tg.delta[j, 1].norm()), "v0_norm": float(tg.v0[j, 1].norm()),
