@@ -303,6 +303,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
         fail(str(e.args[0]))
     except user_errors() as e:
         fail(str(e))
+    method = meth.name                      # the canonical name, whatever spelling was typed
     config = resolved_config(loaded, meth, source, cases_file=str(cases), cases=case_list, sequential=sequential,
                              batch_size=batch_size, command=" ".join(["kedit", *sys.argv[1:]]))
     config["evaluation"] = evaluation.describe()
@@ -429,6 +430,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         fail(str(e.args[0]))
     except (BenchError, *user_errors()) as e:
         fail(str(e))
+    method = meth.name                      # the canonical name, whatever spelling was typed
     if resume:
         run_dir = Path(resume)
     else:

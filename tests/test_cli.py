@@ -190,6 +190,7 @@ def test_method_names_people_type(typed, canonical, tiny_dir):
     (run,) = list(out.iterdir())
     assert f"-{canonical.replace('_', '-')}-tiny-llama-" in run.name        # run ids slug the name
     assert yaml.safe_load((run / "config.yaml").read_text())["method"] == canonical
+    assert f"{canonical} on " in res.output and f"{typed} on " not in res.output.replace(canonical, "")
 
 
 def test_methods_lists_canonical_names_and_unknown_names_still_fail(tiny_dir):
