@@ -101,26 +101,38 @@ class MEMIT(Method):
         (AlphaEdit, EMMET) override this step only."""
         return least_squares_update(R, K, self._cov(layer), self.params.mom2_update_weight)
 
-    def compute(self, requests: Sequence[EditRequest]) -> Delta:
-        """All requests in one update per layer; the model is back to its weights on return."""
-        self.prepare()
-        p, adapter = self.params, self.adapter
-        requests = list(requests)
-        if not requests:
-            return Delta({}, {"method": self.name, "cases": []})
-        last = p.layers[-1]
-        t0 = time.perf_counter()
-        tg = optimise_targets(self.loaded, requests, self.templates, adapter.block(last), p.fact_token,
-                              p.target_options(), seed=self.ctx.seed)
-        z = (tg.v0 + tg.delta).to(self.loaded.device)                        # (n, d)
-        self.ctx.add_time("target", time.perf_counter() - t0)
+    #: how the residual still missing is shared over the layers left to edit, from their
+    #: count (MEMIT: evenly; PMET: by its square root)
+    spread_divisor = staticmethod(float)
 
-        tensors, layer_info = spread_over_layers(
-            self.loaded, requests, p.layers, self.templates, p.fact_token, z,
-            current=lambda: output_at_fact_token(self.loaded, requests, adapter.block(last), p.fact_token),
-            layer_update=self._layer_update, divisor=float, ctx=self.ctx)
+    def compared_module(self, layer: int) -> torch.nn.Module:
+        """The module whose output at the fact token the targets are for (MEMIT: the block)."""
+        return self.adapter.block(layer)
 
+    def targets(self, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, list[dict]]:
+        """The target outputs ``z`` (n, d) of :meth:`compared_module` at the last edited layer,
+        and what each request's optimisation did (the run records it)."""
+        p = self.params
+        tg = optimise_targets(self.loaded, requests, self.templates, self.compared_module(p.layers[-1]),
+                              p.fact_token, p.target_options(), seed=self.ctx.seed)
         cases = [{"case_id": r.case_id, "steps": tg.steps[j], "loss": tg.loss[j], "nll": tg.nll[j],
                   "delta_norm": float(tg.delta[j].norm()), "v0_norm": float(tg.v0[j].norm())}
                  for j, r in enumerate(requests)]
+        return (tg.v0 + tg.delta).to(self.loaded.device), cases
+
+    def compute(self, requests: Sequence[EditRequest]) -> Delta:
+        """All requests in one update per layer; the model is back to its weights on return."""
+        self.prepare()
+        p = self.params
+        requests = list(requests)
+        if not requests:
+            return Delta({}, {"method": self.name, "cases": []})
+        compared = self.compared_module(p.layers[-1])
+        t0 = time.perf_counter()
+        z, cases = self.targets(requests)
+        self.ctx.add_time("target", time.perf_counter() - t0)
+        tensors, layer_info = spread_over_layers(
+            self.loaded, requests, p.layers, self.templates, p.fact_token, z,
+            current=lambda: output_at_fact_token(self.loaded, requests, compared, p.fact_token),
+            layer_update=self._layer_update, divisor=self.spread_divisor, ctx=self.ctx)
         return Delta(tensors, {"method": self.name, "cases": cases, "layers": layer_info})

@@ -37,15 +37,12 @@ which kedit does not do.  EasyEdit's PMET YAMLs (``rewrite_module_tmps``,
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from kedit.methods.base import Delta, EditRequest
-from kedit.methods.core.keys import output_at_fact_token
-from kedit.methods.core.spread import spread_over_layers
+from kedit.methods.base import EditRequest
 from kedit.methods.core.values import optimise_targets
 from kedit.methods.locate.memit import MEMIT, MemitParams
 from kedit.methods.registry import register
@@ -62,25 +59,21 @@ class PMET(MEMIT):
     description = "MEMIT with joint attention/MLP targets, only the MLPs updated (Li et al. 2024)"
     Params = PmetParams
 
-    def compute(self, requests: Sequence[EditRequest]) -> Delta:
-        """All requests in one update per layer; the model is back to its weights on return."""
-        self.prepare()
+    spread_divisor = staticmethod(math.sqrt)
+
+    def compared_module(self, layer: int) -> torch.nn.Module:
+        """PMET compares with the MLP's output, not the block's."""
+        return self.adapter.mlp_out(layer)
+
+    def targets(self, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, list[dict]]:
+        """Joint targets for the attention and the MLP output of the last edited layer; only
+        the MLP's is kept (the attention's is recorded)."""
         p, adapter = self.params, self.adapter
-        requests = list(requests)
-        if not requests:
-            return Delta({}, {"method": self.name, "cases": []})
         last = p.layers[-1]
-        t0 = time.perf_counter()
         tg = optimise_targets(self.loaded, requests, self.templates, [adapter.attn(last), adapter.mlp_out(last)],
                               p.fact_token, p.target_options(), seed=self.ctx.seed)
-        z = tg.v0[:, 1] + tg.delta[:, 1]                                    # the MLP's target output
-        self.ctx.add_time("target", time.perf_counter() - t0)
-        tensors, layer_info = spread_over_layers(
-            self.loaded, requests, p.layers, self.templates, p.fact_token, z,
-            current=lambda: output_at_fact_token(self.loaded, requests, adapter.mlp_out(last), p.fact_token),
-            layer_update=self._layer_update, divisor=math.sqrt, ctx=self.ctx)
         cases = [{"case_id": r.case_id, "steps": tg.steps[j], "loss": tg.loss[j], "nll": tg.nll[j],
                   "delta_norm": float(tg.delta[j, 1].norm()), "v0_norm": float(tg.v0[j, 1].norm()),
                   "attn_delta_norm": float(tg.delta[j, 0].norm()), "attn_v0_norm": float(tg.v0[j, 0].norm())}
                  for j, r in enumerate(requests)]
-        return Delta(tensors, {"method": self.name, "cases": cases, "layers": layer_info})
+        return tg.v0[:, 1] + tg.delta[:, 1], cases
