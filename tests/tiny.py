@@ -5,7 +5,7 @@
 show) and a small byte-level BPE fast tokenizer trained on the shipped WikiText-2
 (GPT-2 / SmolLM2 style: space-prefixed tokens, offsets mapping, no BOS unless asked --
 ``gemma3`` asks, as Gemma's tokenizer prepends <bos> -- ``<pad>`` as pad token).  Every call builds a fresh model (tests edit weights in
-place); the tokenizer is built once per session.
+place); the tokenizer is built once per test run.
 """
 
 from __future__ import annotations

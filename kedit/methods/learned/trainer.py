@@ -493,7 +493,7 @@ def train_editor(learner: Learner, split: Split, run_dir: Path, settings: TrainS
             if st.bad >= settings.patience:
                 st.stopped = "early_stop"
         _log(run_dir, f"step {st.step}: validation " + " ".join(f"{k} {v:.4f}" for k, v in scores.items())
-             + f" ({time.perf_counter() - t0:.1f} s; this session so far {time.perf_counter() - t_wall:.0f} s wall, "
+             + f" ({time.perf_counter() - t0:.1f} s; this process so far {time.perf_counter() - t_wall:.0f} s wall, "
                f"{time.process_time() - t_cpu:.0f} s CPU)")
         say(f"step {st.step}: validation {settings.early_stop_on} {value:.3f} (best {st.best:.3f} at step {st.best_step})")
 
