@@ -483,33 +483,34 @@ class Wise(Method):
 
     def __init__(self, loaded, params, ctx=None):
         super().__init__(loaded, params, ctx)
-        self._pool: list[tuple[str, str]] | None = None
-        self._subjects: list[str] | None = None
+        self._irrelevant: tuple[str, list[tuple[str, str]], list[str]] | None = None
 
     # --- inputs ------------------------------------------------------------------------
-    def irrelevant_pool(self) -> list[tuple[str, str]]:
-        """(question + answer, the case's own prompt) of every record with an NQ question."""
-        if self._pool is None:
+    def _irrelevant_data(self) -> tuple[str, list[tuple[str, str]], list[str]]:
+        """The irrelevant-data file, read once: its path; (question + answer, the case's own
+        prompt) of every record with an NQ question; its distinct ``subject`` values in file order."""
+        if self._irrelevant is None:
             path = self.params.irrelevant_data or str(package_data() / IRRELEVANT_FILE)
             with open(path, encoding="utf-8") as f:
                 records = json.load(f)
-            self._pool = [(f"{r['loc']} {r['loc_ans']}".strip(), str(r.get("src", ""))) for r in records
-                          if str(r.get("loc", "")).strip()]
-            if len(self._pool) < 2:
-                raise ValueError(f"{path}: WISE needs at least two records with 'loc' questions")
-        return self._pool
+            pool = [(f"{r['loc']} {r['loc_ans']}".strip(), str(r.get("src", ""))) for r in records
+                    if str(r.get("loc", "")).strip()]
+            subjects = list(dict.fromkeys(str(r["subject"]).strip() for r in records
+                                          if str(r.get("subject", "")).strip()))
+            self._irrelevant = (path, pool, subjects)
+        return self._irrelevant
+
+    def irrelevant_pool(self) -> list[tuple[str, str]]:
+        path, pool, _ = self._irrelevant_data()
+        if len(pool) < 2:
+            raise ValueError(f"{path}: WISE needs at least two records with 'loc' questions")
+        return pool
 
     def subject_pool(self) -> list[str]:
-        """The distinct ``subject`` values of the irrelevant-data file, in file order."""
-        if self._subjects is None:
-            path = self.params.irrelevant_data or str(package_data() / IRRELEVANT_FILE)
-            with open(path, encoding="utf-8") as f:
-                records = json.load(f)
-            self._subjects = list(dict.fromkeys(str(r["subject"]).strip() for r in records
-                                                if str(r.get("subject", "")).strip()))
-            if len(self._subjects) < 2:
-                raise ValueError(f"{path}: n_subject_swaps needs records with a 'subject'")
-        return self._subjects
+        path, _, subjects = self._irrelevant_data()
+        if len(subjects) < 2:
+            raise ValueError(f"{path}: n_subject_swaps needs records with a 'subject'")
+        return subjects
 
     def swapped_texts(self, request: EditRequest, count: int) -> list[str]:
         """``n_subject_swaps`` inputs that ask the edit's question of other subjects: the edit's
