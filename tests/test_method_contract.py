@@ -89,3 +89,28 @@ def test_sequential_run_gives_the_model_back(name, tmp_path, monkeypatch):
     with result.applied(loaded.model):
         now, _ = evaluate_cases(loaded.model, loaded.tokenizer, CASES, ref)
     assert [m["rewrite_acc"] for m in now] == [r["post"]["rewrite_acc"] for r in result.records]
+
+
+def test_a_checkpoint_after_the_last_edit_is_the_final_score(tmp_path, monkeypatch):
+    """A sequential run whose last checkpoint falls after its last edit scores the final model
+    once, and those scores equal a run without checkpoints."""
+    from kedit.evaluation.suite import Evaluation
+
+    calls = []
+    real = Evaluation.cases
+
+    def counted(self, loaded, cases, ref=None):
+        calls.append(len(cases))
+        return real(self, loaded, cases, ref)
+
+    monkeypatch.setattr(Evaluation, "cases", counted)
+    loaded, method = make("grace", tmp_path, monkeypatch)
+    points = []
+    with_points = run_edits(method, CASES, sequential=True, batch_size=1, checkpoint_every=2,
+                            on_checkpoint=points.append)
+    assert [p["edits"] for p in points] == [2]
+    assert calls == [2, 1, 1, 2]           # pre, one per edit, the checkpoint (= the final scores)
+    loaded, method = make("grace", tmp_path, monkeypatch)
+    plain = run_edits(method, CASES, sequential=True, batch_size=1)
+    assert [r["post"] for r in with_points.records] == [r["post"] for r in plain.records]
+    assert with_points.metrics["post"] == points[0]["post"]

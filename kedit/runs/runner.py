@@ -150,6 +150,7 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
         records = [dict(r) for r in resume.records]
         first = len(records)
     next_point = checkpoint_every if checkpoint_every else None
+    scored_at_end: tuple[list[dict], list[dict]] | None = None
     while next_point is not None and next_point <= first:
         next_point += checkpoint_every
     try:
@@ -200,8 +201,10 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
                 edits[f"batch{batch.start // size}"] = edit
                 if next_point is not None and (batch.stop >= next_point or batch.stop == len(cases)):
                     t0 = time.perf_counter()
-                    now, _, _ = ev.cases(loaded, cases[: batch.stop], reference)
+                    now, now_details, _ = ev.cases(loaded, cases[: batch.stop], reference)
                     with_model(now)
+                    if batch.stop == len(cases):          # the same model the final scores are of
+                        scored_at_end = (now, now_details)
                     point = metrics_summary([{"pre": pre[i], "post": m} for i, m in enumerate(now)])
                     if on_checkpoint:
                         on_checkpoint({"edits": batch.stop, "n": batch.stop, "post": point["post"],
@@ -217,8 +220,14 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
                     edits[case.case_id] = edit
         if sequential:
             t0 = time.perf_counter()
-            final, final_details = measure(cases, reference)
-            with_model(final)
+            if scored_at_end is not None:             # a checkpoint after the last edit: reuse it
+                final, final_details = scored_at_end
+                if extra_metrics is not None:
+                    for m, e in zip(final, extra_metrics(cases)):
+                        m.update(e)
+            else:
+                final, final_details = measure(cases, reference)
+                with_model(final)
             for rec, m, d in zip(records, final, final_details):
                 rec["post_immediate"], rec["post"] = rec["post"], m
                 if "answers" in rec and "answers" in d:
