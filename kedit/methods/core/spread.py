@@ -10,6 +10,15 @@ For layer l_i (ascending, i = 0 .. m−1):
           stream after the last edited block; PMET: the last edited layer's MLP output);
     R   = (z − cur) / ``divisor(m − i)``   (MEMIT: m − i, the remaining change spread evenly;
           PMET: sqrt(m − i));
+    R   ← ``J⁺ R`` when the targets are residual-stream vectors (``residual_targets``) and the
+          architecture puts a norm between the projection and the residual stream (Gemma-3's
+          post-feed-forward RMSNorm, ``adapter.mlp_out_norm``): the projection's output change
+          that moves the norm's output by R to first order, with J the norm's Jacobian at the
+          projection's output o (at the fact token, averaged over the context prefixes as the
+          keys are) and J⁺ its pseudo-inverse.  An RMSNorm is blind to the direction
+          of o itself (J o = 0), so J⁺ R has no component along o; without this mapping a
+          change written for the residual stream arrives scaled by gain / rms(o) -- for
+          Gemma-3 270M a factor of 0.002-0.3 -- and MEMIT-style edits barely move the model;
     ΔW  = ``layer_update(l_i, R, K)``       (MEMIT's least squares, AlphaEdit's null-space
           projection, EMMET's equality constraints ...),
 
@@ -25,16 +34,39 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kedit.data.cases import EditRequest
-from kedit.methods.core.keys import compute_keys
+from kedit.methods.core.keys import compute_keys, read_at_fact_token
+
+
+def through_norm(norm: torch.nn.Module, outputs: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """The change of a norm's input that moves its output by ``R`` to first order.
+
+    ``outputs`` (n, t, d): the norm's inputs at n requests × t prefixes, averaged over the
+    prefixes into ō; ``R`` (n, d) the wanted change of its output.  Returns (n, d):
+    ``J(ō)⁺ R`` with ``J`` the norm's Jacobian, in float32 on ``R``'s device (module
+    docstring).  Singular values under 1e-3 of the largest count as zero: an RMSNorm's eps
+    leaves the direction of ō itself a gain of about eps / mean(ō²), not exactly 0."""
+    mean = outputs.to(R.device).float().mean(1)
+    param = next(norm.parameters(), None)
+    dtype = param.dtype if param is not None else mean.dtype
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return norm(v[None].to(dtype))[0].float()
+
+    with torch.enable_grad():
+        jac = torch.func.vmap(torch.func.jacrev(f))(mean)                          # (n, d, d)
+    pinv = torch.linalg.pinv(jac.float(), rtol=1e-3)
+    return torch.einsum("bij,bj->bi", pinv, R.float())
 
 
 def spread_over_layers(loaded, requests: Sequence[EditRequest], layers: Sequence[int], templates: Sequence[str],
                        position: str, z: torch.Tensor, current: Callable[[], torch.Tensor],
                        layer_update: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
-                       divisor: Callable[[int], float], ctx=None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+                       divisor: Callable[[int], float], ctx=None,
+                       residual_targets: bool = True) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """The updates of ``layers`` (parameter name -> tensor in the parameter's layout, model
     dtype) and per-layer norms; ``z`` (n, d) the targets, ``current()`` -> (n, d) (see the
-    module docstring).  ``ctx`` (a RunContext) gets the ``key`` and ``update`` times."""
+    module docstring); ``residual_targets``: z lives in the residual stream (MEMIT), not at
+    a projection's output (PMET).  ``ctx`` (a RunContext) gets the ``key`` and ``update`` times."""
     adapter, model = loaded.adapter, loaded.model
     saved: dict[str, torch.Tensor] = {}           # parameter -> its value before (copied back at the end)
     tensors: dict[str, torch.Tensor] = {}
@@ -46,7 +78,14 @@ def spread_over_layers(loaded, requests: Sequence[EditRequest], layers: Sequence
             K = K.T.to(loaded.device)                                           # (d_key, n)
             cur = current().to(loaded.device)                                   # (n, d)
             t1 = time.perf_counter()
-            R = (z.to(loaded.device) - cur).T / divisor(len(layers) - i)        # (d_out, n)
+            R = (z.to(loaded.device) - cur) / divisor(len(layers) - i)          # (n, d_out)
+            norm = adapter.mlp_out_norm(layer) if residual_targets else None
+            if norm is not None:
+                proj = adapter.mlp_out(layer)
+                outputs = read_at_fact_token(loaded, requests, {"o": proj}, templates, position,
+                                             inputs=False, stop_after=proj)["o"]
+                R = through_norm(norm, outputs, R)
+            R = R.T                                                             # (d_out, n)
             dW = layer_update(layer, R, K)
             name = adapter.mlp_out_param(layer)
             upd = adapter.to_param_layout(dW).to(adapter.dtype)

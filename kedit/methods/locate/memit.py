@@ -109,6 +109,10 @@ class MEMIT(Method):
         """The module whose output at the fact token the targets are for (MEMIT: the block)."""
         return self.adapter.block(layer)
 
+    #: whether the targets are residual-stream vectors, which reach a projection through the
+    #: norm after it where the architecture has one (``core.spread``; MEMIT: yes, PMET: no)
+    residual_targets: ClassVar[bool] = True
+
     def targets(self, requests: Sequence[EditRequest]) -> tuple[torch.Tensor, list[dict]]:
         """The target outputs ``z`` (n, d) of :meth:`compared_module` at the last edited layer,
         and what each request's optimisation did (the run records it)."""
@@ -134,5 +138,6 @@ class MEMIT(Method):
         tensors, layer_info = spread_over_layers(
             self.loaded, requests, p.layers, self.templates, p.fact_token, z,
             current=lambda: output_at_fact_token(self.loaded, requests, compared, p.fact_token),
-            layer_update=self._layer_update, divisor=self.spread_divisor, ctx=self.ctx)
+            layer_update=self._layer_update, divisor=self.spread_divisor, ctx=self.ctx,
+            residual_targets=self.residual_targets)
         return Delta(tensors, {"method": self.name, "cases": cases, "layers": layer_info})

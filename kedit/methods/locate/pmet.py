@@ -60,6 +60,7 @@ class PMET(MEMIT):
     Params = PmetParams
 
     spread_divisor = staticmethod(math.sqrt)
+    residual_targets = False           # its targets are projection outputs already
 
     def compared_module(self, layer: int) -> torch.nn.Module:
         """PMET compares with the MLP's output, not the block's."""
