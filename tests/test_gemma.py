@@ -257,8 +257,8 @@ def test_through_norm_inverts_the_norm_to_first_order(gemma):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(d, generator=g) * 2.75 - 0.75)   # gains 1 + w in (0.25, 3)
-    o = torch.randn(4, 2, d, generator=g) * 0.05                        # the projection's outputs, small as in the model
-    wanted = torch.stack([norm(o[i, 0] + 1e-3 * torch.randn(d, generator=g)) - norm(o[i, 0]) for i in range(4)]).detach()
+    o = torch.randn(4, 2, d, generator=g)                               # the projection's outputs
+    wanted = torch.stack([norm(o[i, 0] + 2e-2 * torch.randn(d, generator=g)) - norm(o[i, 0]) for i in range(4)]).detach()
     one = o[:, :1]
     dz = through_norm(norm, one, wanted)
     with torch.no_grad():
@@ -268,7 +268,7 @@ def test_through_norm_inverts_the_norm_to_first_order(gemma):
     assert not torch.allclose(naive, wanted, atol=0.5 * float(wanted.abs().max()))
     # blind to the input's own direction: nothing is written along o
     cos = torch.nn.functional.cosine_similarity(dz, one[:, 0], dim=-1)
-    assert cos.abs().max() < 1e-3
+    assert cos.abs().max() < 1e-2
     # several prefixes: the answer at their mean output, as the keys are averaged
     assert torch.equal(through_norm(norm, o, wanted), through_norm(norm, o.mean(1, keepdim=True), wanted))
 

@@ -28,6 +28,7 @@ restored (copied back) before returning, so the model is unchanged.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 
@@ -37,25 +38,60 @@ from kedit.data.cases import EditRequest
 from kedit.methods.core.keys import compute_keys, read_at_fact_token
 
 
-def through_norm(norm: torch.nn.Module, outputs: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+def through_norm(norm: torch.nn.Module, outputs: torch.Tensor, R: torch.Tensor, rtol: float = 1e-3,
+                 chunk: int = 64) -> torch.Tensor:
     """The change of a norm's input that moves its output by ``R`` to first order.
 
     ``outputs`` (n, t, d): the norm's inputs at n requests × t prefixes, averaged over the
-    prefixes into ō; ``R`` (n, d) the wanted change of its output.  Returns (n, d):
-    ``J(ō)⁺ R`` with ``J`` the norm's Jacobian, in float32 on ``R``'s device (module
-    docstring).  Singular values under 1e-3 of the largest count as zero: an RMSNorm's eps
-    leaves the direction of ō itself a gain of about eps / mean(ō²), not exactly 0."""
-    mean = outputs.to(R.device).float().mean(1)
-    param = next(norm.parameters(), None)
-    dtype = param.dtype if param is not None else mean.dtype
+    prefixes into ō; ``R`` (n, d) the wanted change of its output.  Returns (n, d), float32
+    on ``R``'s device: the minimum-norm least-squares answer ``J⁺ R`` with ``J = J(ō)`` the
+    norm's Jacobian (module docstring), as ``Jᵀ y`` with ``(J Jᵀ + μ I) y = R``, in float64,
+    μ = (rtol · σ_max)²: directions whose gain is under ``rtol`` of the largest are dropped
+    rather than inverted (an RMSNorm's eps leaves ō's own direction a gain of about
+    eps / mean(ō²), not exactly 0).  The system is solved by conjugate gradients
+    preconditioned with its diagonal (a norm's Jacobian is a diagonal scaling up to a
+    low-rank term, so a handful of iterations do), ``chunk`` requests at a time: O(d²) per
+    request, never a d × d factorisation."""
+    f64 = copy.deepcopy(norm).to(device=R.device, dtype=torch.float64).requires_grad_(False)
+    out = []
+    for start in range(0, R.shape[0], chunk):
+        mean = outputs[start:start + chunk].to(R.device, torch.float64).mean(1)
+        with torch.no_grad():
+            jac = torch.func.vmap(torch.func.jacfwd(lambda v: f64(v[None])[0]))(mean)   # (m, d, d)
+        b = R[start:start + chunk].to(torch.float64)
+        with torch.no_grad():
+            out.append(_solve_gram(jac, b, rtol).float())
+    return torch.cat(out)
 
-    def f(v: torch.Tensor) -> torch.Tensor:
-        return norm(v[None].to(dtype))[0].float()
 
-    with torch.enable_grad():
-        jac = torch.func.vmap(torch.func.jacrev(f))(mean)                          # (n, d, d)
-    pinv = torch.linalg.pinv(jac.float(), rtol=1e-3)
-    return torch.einsum("bij,bj->bi", pinv, R.float())
+def _solve_gram(jac: torch.Tensor, b: torch.Tensor, rtol: float, max_iter: int = 50) -> torch.Tensor:
+    """``Jᵀ y`` with ``(J Jᵀ + μ I) y = b`` per row (see :func:`through_norm`)."""
+    jac_t = jac.transpose(1, 2).contiguous()
+
+    def gram(u: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(jac, torch.bmm(jac_t, u[:, :, None]))[:, :, 0]
+
+    # σ_max² ≤ ‖J‖₁ ‖J‖∞ (largest absolute column and row sums): one pass, an upper bound
+    top = jac.abs().sum(1).amax(-1, keepdim=True) * jac.abs().sum(2).amax(-1, keepdim=True)
+    mu = (rtol ** 2) * top
+    precond = (jac * jac).sum(-1) + mu                    # the diagonal of J Jᵀ + μ I
+    y = torch.zeros_like(b)
+    r = b.clone()
+    z = r / precond
+    p = z.clone()
+    rz = (r * z).sum(-1, keepdim=True)
+    stop = 1e-16 * (b * b).sum(-1, keepdim=True)
+    for _ in range(max_iter):
+        if bool(((r * r).sum(-1, keepdim=True) <= stop).all()):
+            break
+        ap = gram(p) + mu * p
+        alpha = rz / (p * ap).sum(-1, keepdim=True).clamp_min(1e-300)
+        y, r = y + alpha * p, r - alpha * ap
+        z = r / precond
+        rz_new = (r * z).sum(-1, keepdim=True)
+        p = z + (rz_new / rz.clamp_min(1e-300)) * p
+        rz = rz_new
+    return torch.bmm(jac_t, y[:, :, None])[:, :, 0]
 
 
 def spread_over_layers(loaded, requests: Sequence[EditRequest], layers: Sequence[int], templates: Sequence[str],
