@@ -38,7 +38,7 @@ from kedit.data.cases import EditRequest
 from kedit.methods.core.keys import compute_keys, read_at_fact_token
 
 
-def through_norm(norm: torch.nn.Module, outputs: torch.Tensor, R: torch.Tensor, rtol: float = 1e-3,
+def through_norm(norm: torch.nn.Module, outputs: torch.Tensor, R: torch.Tensor, rtol: float = 1e-2,
                  chunk: int = 64) -> torch.Tensor:
     """The change of a norm's input that moves its output by ``R`` to first order.
 
