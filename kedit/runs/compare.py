@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kedit.util.atomic import write_text
+from kedit.util.atomic import output_dir, write_text
 from kedit.runs.experiment import generations_before_after
 from kedit.evaluation.generation import default_prompts, render_markdown
 from kedit.runs.result import PatchError, check_fingerprint, select_edits
@@ -120,11 +120,10 @@ def compare_result(loaded: LoadedModel, result: EditResult, prompts: Sequence[st
 
 def write_compare(rows: Sequence[dict], out_dir: str | os.PathLike, title: str) -> tuple[Path, Path]:
     """``<out_dir>/compare-gen.jsonl`` and ``compare-gen.md``, each written atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl, md = out_dir / f"{STEM}.jsonl", out_dir / f"{STEM}.md"
-    write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_text(md, render_markdown(rows, title=title))
+    with output_dir(out_dir) as out:
+        jsonl, md = out / f"{STEM}.jsonl", out / f"{STEM}.md"
+        write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text(md, render_markdown(rows, title=title))
     return jsonl, md
 
 
