@@ -5,13 +5,14 @@ prefixes.  Each method's ``Params`` extends this with what is its own."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from kedit.methods.core.values import TargetOptions
 
 
 @dataclass(frozen=True)
 class LocateEditParams:
+    LAST_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ("v_loss_layer",)   # -1: the last layer
     fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
