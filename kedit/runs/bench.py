@@ -342,4 +342,14 @@ def load_bench_config(run_dir: Path) -> dict:
         raise BenchError(f"--resume {run_dir}: config.yaml has no 'bench' section (not a bench run)")
     if (Path(run_dir) / "metrics.json").exists():
         raise BenchError(f"--resume {run_dir}: the run is already complete (metrics.json exists)")
+    missing = [k for k in RESUME_KEYS if k not in config] + [f"bench.{k}" for k in RESUME_BENCH_KEYS
+                                                            if k not in (config["bench"] or {})]
+    missing += [f"model.{k}" for k in ("name", "device", "dtype") if k not in (config.get("model") or {})]
+    if missing:
+        raise BenchError(f"--resume {run_dir}: config.yaml lacks {', '.join(missing)} (not written by kedit bench)")
     return config
+
+
+#: What ``--resume`` reads from a bench run's config.yaml.
+RESUME_KEYS = ("method", "model", "seed", "stats_dir", "hparams", "hparams_source")
+RESUME_BENCH_KEYS = ("name", "n", "offset", "batch_size", "sequential", "data")
