@@ -256,3 +256,17 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(row, world, tmp_path, m
     assert not {p for p in changed if f"{os.sep}home{os.sep}" not in p}, changed       # the model cache may grow
     assert snapshot(tmp_path) == before_tmp, "files left in the output location"
     assert not any(".partial" in p or p.endswith(".tmp") for p in snapshot(tmp_path)), "half-written files"
+
+
+def test_an_unwritable_model_cache_costs_only_the_hash_memo(tmp_path, monkeypatch):
+    """The GGUF hash memo under KEDIT_HOME is best effort: a KEDIT_HOME that cannot be written
+    (here: below a file) still gives the hash, and the next load computes it again."""
+    from kedit.models.load import _gguf_hash, file_sha256
+
+    blocker = tmp_path / "home"
+    blocker.write_text("a file, not a directory\n")
+    monkeypatch.setenv("KEDIT_HOME", str(blocker / "kedit"))
+    fake = tmp_path / "m.gguf"
+    fake.write_bytes(b"GGUF" + bytes(100))
+    assert _gguf_hash(fake) == file_sha256(fake)
+    assert blocker.read_text() == "a file, not a directory\n"

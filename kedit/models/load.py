@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kedit.util.atomic import write_text
+from kedit.util.atomic import WriteError, refused_as, write_text
 from kedit.models.arch import ModelAdapter
 from kedit.util.paths import configs_dir, kedit_home
 
@@ -161,8 +161,10 @@ def _gguf_hash(path: Path) -> str:
         table = {}
     if key not in table:
         table[key] = file_sha256(path)
-        index.parent.mkdir(parents=True, exist_ok=True)
-        write_text(index, json.dumps(table, indent=1))
+        try:
+            write_text(index, json.dumps(table, indent=1))
+        except WriteError:
+            pass                # a memo only: the next load hashes again
     return table[key]
 
 
@@ -231,18 +233,19 @@ def convert_gguf(gguf: Path, out_dir: Path, progress=print) -> None:
                                                  **_gguf_dequantize_option())
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     drop_gguf_quantizer(model, gguf)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "kedit-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": _gguf_hash(gguf)}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with refused_as(f"the model cache {out_dir.parent} (KEDIT_HOME)"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "kedit-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": _gguf_hash(gguf)}))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def dir_fingerprint(path: Path) -> str:
