@@ -51,8 +51,17 @@ def world(tmp_path_factory):
             (made[kind],) = list((root / kind).iterdir())
         afile = root / "a-file"
         afile.write_text("not a directory\n")
+        broken = root / "broken-weights"          # a model directory whose weights are not safetensors
+        broken.mkdir()
+        for f in model.iterdir():
+            (broken / f.name).write_bytes(b"junk" if f.suffix == ".safetensors" else f.read_bytes())
+        no_tokenizer = root / "no-tokenizer"
+        no_tokenizer.mkdir()
+        (no_tokenizer / "config.json").write_bytes((model / "config.json").read_bytes())
+        (root / "bad.gguf").write_bytes(b"GGUF garbage")
         yield {"model": str(model), "cases": str(cases), "hp": str(hp), "file": str(afile),
-               "root": str(root), "home": str(root / "home"), **{k: str(v) for k, v in made.items()}}
+               "root": str(root), "home": str(root / "home"), "broken": str(broken),
+               "no_tokenizer": str(no_tokenizer), **{k: str(v) for k, v in made.items()}}
 
 
 def refuse(err: int, module=os, attr: str = "fsync"):
@@ -153,6 +162,12 @@ ROWS = [
     ("edit-out-below-a-file", [*EDIT, "--out", "{file}/runs"], "is a file", None, False),
     ("edit-out-read-only", [*EDIT, "--out", "{out}"], "--out", read_only, False),
     ("edit-disk-full", [*EDIT, "--out", "{out}"], "No space left on device", refuse(errno.ENOSPC), True),
+    ("edit-broken-weights", ["edit", "{cases}", "--model", "{broken}", "--device", "cpu", "--out", "{out}"],
+     "--model", None, False),
+    ("edit-model-without-tokenizer", ["edit", "{cases}", "--model", "{no_tokenizer}", "--device", "cpu",
+                                      "--out", "{out}"], "cannot load", None, False),
+    ("edit-not-a-gguf", ["edit", "{cases}", "--model", "{root}/bad.gguf", "--device", "cpu", "--out", "{out}"],
+     "cannot load", None, True),
     ("edit-bad-device", ["edit", "{cases}", "--model", "{model}", "--device", "tpu"], "--device tpu", None, False),
     # bench
     ("bench-resume-missing", ["bench", "--resume", "{root}/nope"], "no config.yaml", None, False),

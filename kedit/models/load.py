@@ -297,6 +297,21 @@ def _cached_gguf(gguf: Path, progress) -> tuple[Path, str]:
     return out, digest[:16]
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def unreadable_model_errors() -> tuple[type[BaseException], ...]:
+    """What the readers raise for model files that are not what they claim (a truncated
+    safetensors, a GGUF that is not one, a directory without a tokenizer): the user's files."""
+    import struct
+
+    from safetensors import SafetensorError
+
+    return (ValueError, KeyError, EOFError, struct.error, SafetensorError)
+
+
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
                progress=print) -> LoadedModel:
     """Load a model for editing: eval mode, every parameter frozen, pad token set."""
@@ -305,14 +320,20 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fl
 
     hf_logging.disable_progress_bar()  # kedit shows its own progress; keep the terminal readable
     dev, dt = resolve_device(device), resolve_dtype(dtype)
-    where, fingerprint, info = resolve_model_dir(spec, progress)
     try:
+        where, fingerprint, info = resolve_model_dir(spec, progress)
         tok = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dt)
+    except ModelError:
+        raise
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"--model {spec}: cannot load ({first}); offline machines need a local "
-                         f"directory, a .gguf file or a name from 'kedit models'") from None
+        if isinstance(e, WriteError):
+            raise
+        hint = ("" if Path(spec).expanduser().exists() else "; offline machines need a local directory, "
+                "a .gguf file or a name from 'kedit models'")
+        raise ModelError(f"--model {spec}: cannot load ({_first_line(e)}){hint}") from None
+    except unreadable_model_errors() as e:
+        raise ModelError(f"--model {spec}: cannot load ({_first_line(e)})") from None
     if not fingerprint:
         # Hub model: fingerprint from the resolved snapshot directory when known.
         snap = getattr(model.config, "_name_or_path", spec)
