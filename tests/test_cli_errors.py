@@ -167,7 +167,7 @@ ROWS = [
     ("edit-model-without-tokenizer", ["edit", "{cases}", "--model", "{no_tokenizer}", "--device", "cpu",
                                       "--out", "{out}"], "cannot load", None, False),
     ("edit-not-a-gguf", ["edit", "{cases}", "--model", "{root}/bad.gguf", "--device", "cpu", "--out", "{out}"],
-     "cannot load", None, True),
+     "cannot read it as a GGUF model", None, True),
     ("edit-bad-device", ["edit", "{cases}", "--model", "{model}", "--device", "tpu"], "--device tpu", None, False),
     # bench
     ("bench-resume-missing", ["bench", "--resume", "{root}/nope"], "no config.yaml", None, False),

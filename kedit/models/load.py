@@ -293,7 +293,10 @@ def resolve_model_dir(spec: str, progress=print) -> tuple[Path | str, str, dict]
 def _cached_gguf(gguf: Path, progress) -> tuple[Path, str]:
     out, digest = gguf_cache_dir(gguf)
     if not (out / "config.json").exists():
-        convert_gguf(gguf, out, progress)
+        try:
+            convert_gguf(gguf, out, progress)
+        except unreadable_model_errors() as e:
+            raise ModelError(f"model file {gguf}: cannot read it as a GGUF model ({_first_line(e)})") from None
     return out, digest[:16]
 
 
@@ -320,15 +323,11 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fl
 
     hf_logging.disable_progress_bar()  # kedit shows its own progress; keep the terminal readable
     dev, dt = resolve_device(device), resolve_dtype(dtype)
+    where, fingerprint, info = resolve_model_dir(spec, progress)
     try:
-        where, fingerprint, info = resolve_model_dir(spec, progress)
         tok = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dt)
-    except ModelError:
-        raise
     except OSError as e:
-        if isinstance(e, WriteError):
-            raise
         hint = ("" if Path(spec).expanduser().exists() else "; offline machines need a local directory, "
                 "a .gguf file or a name from 'kedit models'")
         raise ModelError(f"--model {spec}: cannot load ({_first_line(e)}){hint}") from None
