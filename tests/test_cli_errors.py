@@ -183,7 +183,8 @@ ROWS = [
     # compare-gen
     ("compare-missing-run", ["compare-gen", "{root}/nope"], "not a kedit run directory", None, False),
     ("compare-bench-run", ["compare-gen", "{brun}"], "no edit.safetensors", None, False),
-    ("compare-trace-run", ["compare-gen", "{trun}"], "no edit.safetensors", None, False),
+    ("compare-trace-run", ["compare-gen", "{trun}"], "a causal-tracing run (kedit trace), not an edit run", None,
+     False),
     ("compare-cases-layer", ["compare-gen", "--cases", "{cases}", *M, "--hparams", "{hp}", "--set", "layer=7",
                              "--out", "{out}"], "'layer': layer 7 out of range", None, False),
     ("compare-out-is-a-file", ["compare-gen", "--cases", "{cases}", *M, "--hparams", "{hp}", "--out", "{file}"],
@@ -191,6 +192,7 @@ ROWS = [
     # apply
     ("apply-missing-run", ["apply", "{root}/nope", "--out", "{out}"], "not a kedit run directory", None, False),
     ("apply-bench-run", ["apply", "{brun}", "--out", "{out}"], "no edit.safetensors", None, False),
+    ("apply-trace-run", ["apply", "{trun}", "--out", "{out}"], "not an edit run", None, False),
     ("apply-out-is-a-file", ["apply", "{run}", "--out", "{file}"], "--out", None, False),
     ("apply-out-below-a-file", ["apply", "{run}", "--out", "{file}/model"], "is a file", None, False),
     ("apply-disk-full", ["apply", "{run}", "--out", "{out}/model"], "No space left on device",

@@ -34,6 +34,7 @@ import torch
 
 from kedit.methods.edit import Delta, Edit, EditError, class_path, import_class
 from kedit.util.atomic import refused_as
+from kedit.runs.rundir import RUN_KINDS, run_kind
 from kedit.runs.result import (DELTA_FILE, EDIT_FILE, EditResult, PatchError, applied_edits, check_fingerprint,
                                select_edits)
 
@@ -130,9 +131,13 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if not f.is_file():
         raise PatchError(f"{run_dir}: no config.yaml (not a kedit run directory)")
     try:
-        return yaml.safe_load(f.read_text()) or {}
+        config = yaml.safe_load(f.read_text()) or {}
     except yaml.YAMLError as e:
         raise PatchError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+    kind = run_kind(config)
+    if kind in ("train", "trace"):
+        raise PatchError(f"{run_dir}: {RUN_KINDS[kind]}, not an edit run: it holds no edit")
+    return config
 
 
 def load_run(run_dir: str | os.PathLike, model: LoadedModel | None = None, *, force: bool = False) -> EditResult:

@@ -104,7 +104,7 @@ def _time(run_id: str, path: Path) -> _dt.datetime | None:
 def summarize(run_dir: str | os.PathLike) -> RunSummary:
     """Read one run directory (see the module docstring)."""
     from kedit.runs.runner import metrics_summary
-    from kedit.runs.rundir import read_results
+    from kedit.runs.rundir import RUN_KINDS, read_results, run_kind
 
     path = Path(run_dir)
     cfg_file = path / "config.yaml"
@@ -118,10 +118,9 @@ def summarize(run_dir: str | os.PathLike) -> RunSummary:
         raise ReportError(f"{path}: unreadable run files ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise ReportError(f"{cfg_file}: expected a mapping")
-    if config.get("kind") == "train" or "method" not in config:
-        what = ("a training run (kedit train)" if config.get("kind") == "train" else
-                "a causal-tracing run (kedit trace)" if "settings" in config else "no method in config.yaml")
-        raise ReportError(f"{path}: not an edit or bench run ({what})")
+    kind = run_kind(config)
+    if kind not in ("edit", "bench"):
+        raise ReportError(f"{path}: not an edit or bench run ({RUN_KINDS[kind]})")
     complete = metrics is not None
     if metrics is None:
         records = read_results(path / "results.jsonl")

@@ -123,6 +123,24 @@ class RunDir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+def run_kind(config: Any) -> str:
+    """What wrote a run directory, from its config.yaml: ``edit``, ``bench``, ``train``
+    (``kedit train``), ``trace`` (``kedit trace``) or ``unknown``."""
+    if not isinstance(config, dict):
+        return "unknown"
+    if config.get("kind") == "train":
+        return "train"
+    if "method" in config:
+        return "bench" if config.get("bench") else "edit"
+    return "trace" if "settings" in config else "unknown"
+
+
+#: How a message names each kind of run directory.
+RUN_KINDS = {"edit": "an edit run (kedit edit)", "bench": "a bench run (kedit bench)",
+             "train": "a training run (kedit train)", "trace": "a causal-tracing run (kedit trace)",
+             "unknown": "not a kedit run"}
+
+
 def append_record(path: Path, record: dict) -> None:
     """Append one case's record to a results.jsonl, flushed and fsynced (the resume log)."""
     with refused_as(path), open(path, "a") as f:
