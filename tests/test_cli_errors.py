@@ -64,12 +64,18 @@ def world(tmp_path_factory):
                "no_tokenizer": str(no_tokenizer), **{k: str(v) for k, v in made.items()}}
 
 
-def refuse(err: int, module=os, attr: str = "fsync"):
-    """A fault: the file system refuses with ``err`` every call of ``module.attr`` (default
-    os.fsync: the atomic writes and the result log sync every file they write)."""
+def refuse(err: int, module=os, attr: str = "fsync", after: int = 0):
+    """A fault: the file system refuses with ``err`` every call of ``module.attr`` after the
+    first ``after`` (default os.fsync: the atomic writes and the result log sync every file
+    they write)."""
     def install(mp, where):
+        real, calls = getattr(module, attr), []
+
         def refused(*a, **k):
-            raise OSError(err, os.strerror(err))
+            calls.append(1)
+            if len(calls) > after:
+                raise OSError(err, os.strerror(err))
+            return real(*a, **k)
         mp.setattr(module, attr, refused)
     return install
 
@@ -185,6 +191,8 @@ ROWS = [
     ("compare-bench-run", ["compare-gen", "{brun}"], "no edit.safetensors", None, False),
     ("compare-trace-run", ["compare-gen", "{trun}"], "a causal-tracing run (kedit trace), not an edit run", None,
      False),
+    ("compare-disk-full-second-file", ["compare-gen", "{run}", "--max-new-tokens", "2"], "No space left on device",
+     refuse(errno.ENOSPC, after=1), False),
     ("compare-cases-layer", ["compare-gen", "--cases", "{cases}", *M, "--hparams", "{hp}", "--set", "layer=7",
                              "--out", "{out}"], "'layer': layer 7 out of range", None, False),
     ("compare-out-is-a-file", ["compare-gen", "--cases", "{cases}", *M, "--hparams", "{hp}", "--out", "{file}"],

@@ -122,8 +122,14 @@ def write_compare(rows: Sequence[dict], out_dir: str | os.PathLike, title: str) 
     """``<out_dir>/compare-gen.jsonl`` and ``compare-gen.md``, each written atomically."""
     with output_dir(out_dir) as out:
         jsonl, md = out / f"{STEM}.jsonl", out / f"{STEM}.md"
+        new = not jsonl.exists()
         write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        write_text(md, render_markdown(rows, title=title))
+        try:
+            write_text(md, render_markdown(rows, title=title))
+        except BaseException:
+            if new:                 # not one file of the pair without the other
+                jsonl.unlink(missing_ok=True)
+            raise
     return jsonl, md
 
 
