@@ -133,7 +133,12 @@ def make_evaluation(loaded, eval_mode: str, cost: bool, chat_template: bool, ppl
 
     if chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         fail(f"--chat-template: the tokenizer of {loaded.name} has no chat template")
-    judge_model = _load(str(judge), device, dtype) if judge else None
+    from kedit.models.load import ModelError
+
+    try:
+        judge_model = _load(str(judge), device, dtype) if judge else None
+    except ModelError as e:                   # the judge is loaded as a model: name its own option
+        fail(str(e).replace(f"--model {judge}", f"--judge {judge}", 1))
     return Evaluation.from_options(eval_mode, cost=cost, chat_template=chat_template, ppl_tokens=ppl_tokens,
                                    judge=judge_model)
 

@@ -174,6 +174,8 @@ ROWS = [
                                       "--out", "{out}"], "cannot load", None, False),
     ("edit-not-a-gguf", ["edit", "{cases}", "--model", "{root}/bad.gguf", "--device", "cpu", "--out", "{out}"],
      "cannot read it as a GGUF model", None, True),
+    ("edit-judge-not-a-model", [*EDIT, "--eval", "generate", "--judge", "{root}", "--out", "{out}"],
+     "--judge", None, False),
     ("edit-bad-device", ["edit", "{cases}", "--model", "{model}", "--device", "tpu"], "--device tpu", None, False),
     # bench
     ("bench-resume-missing", ["bench", "--resume", "{root}/nope"], "no config.yaml", None, False),
