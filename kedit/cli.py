@@ -359,6 +359,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
     try:
         case_list = load_cases(cases, fmt)
         loaded = _load(model, device, dtype)
+        loaded.check_new_tokens(gen_tokens, "--gen-tokens")
         evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
         overrides = {**parse_sets(set_), **({"editor": editor} if editor else {})}
@@ -475,6 +476,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         bm = get_benchmark(benchmark, subset)
         cases = load_benchmark(benchmark, data, n, offset, subset=subset)
         loaded = _load(model, device, dtype)
+        if generation:
+            loaded.check_new_tokens(gen_tokens, "--gen-tokens")
         evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
         extra = None
         if generation:
@@ -624,6 +627,7 @@ def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (
 
             case_list = load_cases(cases)
             loaded = _load(model or "smollm2-135m", device, dtype or "float32")
+            loaded.check_new_tokens(max_new_tokens, "--max-new-tokens")
             with Progress(TextColumn("[bold]editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err, transient=True) as bar:     # a refused method leaves one line
                 task = bar.add_task("edit", total=len(case_list))

@@ -54,6 +54,13 @@ class LoadedModel:
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
 
+    def check_new_tokens(self, n: int, option: str) -> None:
+        """Refuse generating more new tokens than the model has positions (a typo such as
+        an extra zero would otherwise run for hours): one ModelError naming ``option``."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and n > limit:
+            raise ModelError(f"{option} {n}: more than {self.name} has positions ({limit})")
+
     def describe(self) -> dict:
         return {"name": self.name, "path": self.path, "fingerprint": self.fingerprint,
                 "model_type": self.model.config.model_type, "device": str(self.device),

@@ -148,6 +148,7 @@ def compare_run(run_dir: str | os.PathLike, *, model: LoadedModel | str | None =
         select_edits(result.edits, result.sequential, case, all_)  # refuse a bad choice before loading
     loaded = load_base_model(config, model, device=device, dtype=dtype, progress=progress)
     check_fingerprint(result.base_fingerprint, loaded, force=force, what=f"run {run_dir}")
+    loaded.check_new_tokens(options.get("max_new_tokens", 24), "--max-new-tokens")
     result.model = loaded
     rows = compare_result(loaded, result, prompts, case=case, all_=all_, **options)
     title = f"compare-gen: {config.get('run_id', run_dir.name)} ({rows[0]['decoding']}, " \
