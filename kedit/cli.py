@@ -364,8 +364,6 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
         overrides = {**parse_sets(set_), **({"editor": editor} if editor else {})}
         meth, source = make_method(loaded, method, str(hparams) if hparams else None, overrides, ctx)
-    except KeyError as e:
-        fail(str(e.args[0]))
     except user_errors() as e:
         fail(str(e))
     method = meth.name                      # the canonical name, whatever spelling was typed
@@ -489,8 +487,6 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
         meth, source = make_method(loaded, method, cfg["hparams_source"] if resume else str(hparams) if hparams else None,
                                    overrides, ctx)
-    except KeyError as e:
-        fail(str(e.args[0]))
     except (BenchError, *user_errors()) as e:
         fail(str(e))
     method = meth.name                      # the canonical name, whatever spelling was typed
@@ -637,8 +633,6 @@ def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (
                 rows = compare_result(loaded, result, prompts or None, **options)
             paths = write_compare(rows, out, f"compare-gen: {method} on {loaded.name}, {cases} "
                                   f"({rows[0]['decoding']})") if out else None
-    except KeyError as e:
-        fail(str(e.args[0]))
     except _run_errors() as e:
         fail(str(e))
     render_table(rows, console, title=f"before / after ({rows[0]['decoding']}, {max_new_tokens} new tokens)")
@@ -873,8 +867,6 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
             run_dir = new_run_dir(out, method, loaded.name, config)
             write_config(run_dir, config)
             write_text(run_dir / "split.json", json.dumps(split.info, indent=1) + "\n")
-    except KeyError as e:
-        fail(str(e.args[0]))
     except user_errors() as e:
         fail(str(e))
     settings = settings_from(params, seed)

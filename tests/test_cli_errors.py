@@ -200,6 +200,8 @@ ROWS = [
      refuse(errno.ENOSPC, after=1), False),
     ("compare-too-many-tokens", ["compare-gen", "{run}", "--max-new-tokens", str(10 ** 12)], "--max-new-tokens",
      None, False),
+    ("compare-unknown-method", ["compare-gen", "--cases", "{cases}", *M, "--method", "romee"], "did you mean 'rome'",
+     None, False),
     ("compare-cases-layer", ["compare-gen", "--cases", "{cases}", *M, "--hparams", "{hp}", "--set", "layer=7",
                              "--out", "{out}"], "'layer': layer 7 out of range", None, False),
     ("compare-out-is-a-file", ["compare-gen", "--cases", "{cases}", *M, "--hparams", "{hp}", "--out", "{file}"],
@@ -237,6 +239,7 @@ ROWS = [
     ("train-serac-cls-layer", ["train", "serac", *M, "--set", "cls_layer=9", "--out", "{out}"], "'cls_layer': layer 9",
      None, False),
     ("train-resume-edit-run", ["train", "--resume", "{run}"], "not a training run directory", None, False),
+    ("train-unknown-method", ["train", "mand", *M, "--out", "{out}"], "unknown method 'mand'", None, False),
     ("train-out-is-a-file", ["train", "mend", *M, "--out", "{file}"], "--out", None, False),
 ]
 

@@ -431,6 +431,10 @@ def read_config(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"--resume {run_dir}: config.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict) or config.get("kind") != "train":
         raise ConfigError(f"--resume {run_dir}: not a training run directory (its config.yaml is not kedit train's)")
+    missing = [k for k in ("method", "data", "seed", "model", "hparams", "hparams_source") if k not in config]
+    missing += [f"model.{k}" for k in ("name", "device", "dtype", "fingerprint") if k not in (config.get("model") or {})]
+    if missing:
+        raise ConfigError(f"--resume {run_dir}: config.yaml lacks {', '.join(missing)} (not written by kedit train)")
     return config
 
 
