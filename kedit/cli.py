@@ -10,10 +10,45 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Knowledge editing of language models: edit, measure, compare.")
 console = Console()
 err = Console(stderr=True)
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """Click's own usage errors (an unknown option, a value that is not a number, a missing
+    argument) as the same one line, exit status 2, as every other user error; help stays help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        # typer vendors click in recent versions: its exception base class, wherever it lives
+        click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exception as e:
+            if type(e).__name__ == "NoArgsIsHelpError":        # no arguments: the help, as typer shows it
+                if e.format_message().strip():                  # (recent typer has shown it already)
+                    e.show()
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            where = f" (kedit {ctx.command.name} --help)" if ctx is not None and ctx.command is not self else ""
+            msg = " ".join(e.format_message().split())
+            err.print(f"[red]error:[/red] {_escape(msg)}{where}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge editing of language models: edit, measure, compare.")
 
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="model name (kedit models), HF directory, .gguf file or hub id")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
@@ -31,9 +66,7 @@ JudgeOpt = typer.Option(None, "--judge", help="with --eval generate|all: a local
 
 
 def fail(msg: str) -> None:
-    from rich.markup import escape
-
-    err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)   # "kedit[gemma]" stays as it is
+    err.print(f"[red]error:[/red] {_escape(msg)}", highlight=False, soft_wrap=True)   # "kedit[gemma]" stays as it is
     raise typer.Exit(2)
 
 
@@ -46,6 +79,12 @@ def at_least(low: int, **options: int | None) -> None:
             fail(f"{opt} {value}: must be at least {low}")
 
 
+def seed_range(seed: int) -> None:
+    """A seed torch takes: a 64-bit integer."""
+    if not -2 ** 63 <= seed < 2 ** 64:
+        fail(f"--seed {seed}: out of range (a 64-bit integer)")
+
+
 def user_errors():
     """Exceptions that are the user's input, reported as one line with exit status 2."""
     from kedit.data.cases import CasesError
@@ -53,8 +92,22 @@ def user_errors():
     from kedit.data.corpus import CorpusError
     from kedit.models.arch import UnsupportedArchitecture
     from kedit.models.load import ModelError
+    from kedit.util.atomic import WriteError
 
-    return (CasesError, ConfigError, CorpusError, ModelError, UnsupportedArchitecture)
+    return (CasesError, ConfigError, CorpusError, ModelError, UnsupportedArchitecture, WriteError)
+
+
+def writable(**paths: Path | str | None) -> None:
+    """Refuse, before any work, an output option whose location cannot be written (a file
+    where its directory must be, no permission); the keyword is the option without dashes."""
+    from kedit.util.atomic import WriteError, check_writable
+
+    for name, path in paths.items():
+        if path is not None:
+            try:
+                check_writable(path, f"--{name.replace('_', '-')} {path}")
+            except WriteError as e:
+                fail(str(e))
 
 
 def evaluation_options(eval_mode: str, cost: bool, chat_template: bool, ppl_tokens: int, judge) -> None:
@@ -80,7 +133,12 @@ def make_evaluation(loaded, eval_mode: str, cost: bool, chat_template: bool, ppl
 
     if chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         fail(f"--chat-template: the tokenizer of {loaded.name} has no chat template")
-    judge_model = _load(str(judge), device, dtype) if judge else None
+    from kedit.models.load import ModelError
+
+    try:
+        judge_model = _load(str(judge), device, dtype) if judge else None
+    except ModelError as e:                   # the judge is loaded as a model: name its own option
+        fail(str(e).replace(f"--model {judge}", f"--judge {judge}", 1))
     return Evaluation.from_options(eval_mode, cost=cost, chat_template=chat_template, ppl_tokens=ppl_tokens,
                                    judge=judge_model)
 
@@ -107,6 +165,8 @@ def parse_layers(text: str) -> list[int]:
                 out.add(int(part))
     except ValueError:
         fail(f"--layers {text!r}: expected e.g. 5, 3-7 or 3,5,7")
+    if not out:
+        fail(f"--layers {text!r}: no layer in it (expected e.g. 5, 3-7 or 3,5,7)")
     return sorted(out)
 
 
@@ -119,7 +179,10 @@ def parse_sets(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             fail(f"--set {item!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            fail(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})")
     return out
 
 
@@ -194,22 +257,21 @@ def stats(model: str = ModelOpt,
           max_length: int = typer.Option(1024, "--max-length", help="tokens per text (truncated)"),
           device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Second moments E(k kᵀ) of MLP keys per layer, computed in one pass and cached."""
+    from kedit.config import check_layer_list
     from kedit.methods.core.stats import get_stats, stats_report
 
     at_least(1, samples=samples, max_length=max_length)
+    wanted = parse_layers(layers)
+    writable(stats_dir=stats_dir)
     try:
         loaded = _load(model, device, dtype)
-        wanted = parse_layers(layers)
-        for layer in wanted:
-            loaded.adapter.check_layer(layer)
+        check_layer_list(wanted, loaded.adapter, f"--layers {layers}")
         if force:
             get_stats(loaded, wanted, corpus=corpus, samples=samples, max_length=max_length,
                       stats_dir=stats_dir, force=True, progress=True)
         report = stats_report(loaded, wanted, compute=True, corpus=corpus, samples=samples,
                               max_length=max_length, stats_dir=stats_dir)
     except user_errors() as e:
-        fail(str(e))
-    except ValueError as e:
         fail(str(e))
     t = Table(title=f"statistics for {model} ({report[0]['corpus']}, max {report[0]['max_length']} tokens/text)")
     for col in ("layer", "cached", "samples", "tokens", "seconds"):
@@ -291,16 +353,17 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
 
     at_least(1, batch_size=batch_size)
     at_least(0, gen_tokens=gen_tokens)
+    seed_range(seed)
     evaluation_options(eval_mode, cost, chat_template, ppl_tokens, judge)
+    writable(out=out, stats_dir=stats_dir)
     try:
         case_list = load_cases(cases, fmt)
         loaded = _load(model, device, dtype)
+        loaded.check_new_tokens(gen_tokens, "--gen-tokens")
         evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
         overrides = {**parse_sets(set_), **({"editor": editor} if editor else {})}
         meth, source = make_method(loaded, method, str(hparams) if hparams else None, overrides, ctx)
-    except KeyError as e:
-        fail(str(e.args[0]))
     except user_errors() as e:
         fail(str(e))
     method = meth.name                      # the canonical name, whatever spelling was typed
@@ -317,6 +380,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
             result = run_edits(meth, case_list, sequential=sequential, batch_size=batch_size,
                                progress=lambda k: bar.advance(task, k), evaluation=evaluation)
         gens = generations_before_after(loaded, result, gen_tokens) if gen_tokens > 0 else None
+        run_dir = write_run(out, loaded, meth, result, config, gens)
     except user_errors() as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -330,7 +394,6 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
         from kedit.evaluation.generation import render_table
 
         render_table([g for g in gens if g["kind"] in ("prompt", "rephrase", "locality", "subject")], console)
-    run_dir = write_run(out, loaded, meth, result, config, gens)
     console.print(f"run written to [bold]{run_dir}[/bold]")
 
 
@@ -367,10 +430,10 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
     """Benchmark a method on CounterFact, zsRE, KnowEdit or the portability sets; resumable with --resume RUN_DIR."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from kedit.runs.bench import BenchError, get_benchmark, load_bench_config, load_benchmark, run_bench, save_bench_config
+    from kedit.runs.bench import BenchError, get_benchmark, load_bench_config, load_benchmark, new_bench_dir, run_bench
     from kedit.runs.experiment import make_method, resolved_config
     from kedit.methods.base import RunContext
-    from kedit.runs.rundir import new_run_id, unique_run_id
+    from kedit.runs.rundir import new_run_id
 
     try:
         if resume:
@@ -394,7 +457,9 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             overrides = {**parse_sets(set_), **({"editor": editor} if editor else {})}
         at_least(1, n=n, batch_size=batch_size, checkpoint_every=checkpoint_every, gen_tokens=gen_tokens)
         at_least(0, offset=offset)
+        seed_range(seed)
         evaluation_options(eval_mode, cost, chat_template, ppl_tokens, judge)
+        writable(**({"resume": resume} if resume else {"out": out}), stats_dir=stats_dir)
         if checkpoint_every is not None and not sequential:
             fail("--checkpoint-every needs --sequential")
         if (reference or gen_tokens != 100) and not generation:
@@ -409,6 +474,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         bm = get_benchmark(benchmark, subset)
         cases = load_benchmark(benchmark, data, n, offset, subset=subset)
         loaded = _load(model, device, dtype)
+        if generation:
+            loaded.check_new_tokens(gen_tokens, "--gen-tokens")
         evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
         extra = None
         if generation:
@@ -418,19 +485,19 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             extra = partial(generation_metrics, loaded, max_new_tokens=gen_tokens, seed=seed, reference=ref_data,
                             **bm.fluency)
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
-        if resume:
-            from kedit.config import resolve_params
-            from kedit.methods.registry import get_method
-            cls = get_method(method)
-            params, source = resolve_params(cls, loaded.name, loaded.adapter, cfg["hparams_source"], overrides)
-            meth = cls(loaded, params, ctx)
-        else:
-            meth, source = make_method(loaded, method, str(hparams) if hparams else None, overrides, ctx)
-    except KeyError as e:
-        fail(str(e.args[0]))
+        meth, source = make_method(loaded, method, cfg["hparams_source"] if resume else str(hparams) if hparams else None,
+                                   overrides, ctx)
     except (BenchError, *user_errors()) as e:
         fail(str(e))
     method = meth.name                      # the canonical name, whatever spelling was typed
+    try:
+        meth.prepare()                      # statistics, an editor: a failure here leaves no run directory
+    except user_errors() as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print("interrupted: " + (f"resume with  kedit bench --resume {resume}" if resume else
+                                     "no run directory written"))
+        raise typer.Exit(130)
     if resume:
         run_dir = Path(resume)
     else:
@@ -445,14 +512,14 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                            "evaluation": {"mode": eval_mode, "cost": cost, "chat_template": chat_template,
                                           "ppl_tokens": ppl_tokens, "judge": str(judge) if judge else None}}
         run_id = new_run_id(f"bench-{bm.label.replace('/', '-')}-{method}", loaded.name, config)
-        run_dir = Path(out) / unique_run_id(Path(out), run_id)
-        run_dir.mkdir(parents=True)
-        save_bench_config(run_dir, config)
+        try:
+            run_dir = new_bench_dir(out, run_id, config)
+        except user_errors() as e:
+            fail(str(e))
     _say(f"{bm.note}; {len(cases)} cases -> {run_dir}")
     sums: dict[str, float] = {}
     count = [0]
     try:
-        meth.prepare()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=err) as bar:
             task = bar.add_task("bench", total=len(cases))
@@ -539,8 +606,10 @@ def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (
     if (run is None) == (cases is None):
         fail("give a run directory or --cases FILE (not both)")
     at_least(1, max_new_tokens=max_new_tokens)
+    seed_range(seed)
     if sample and not temperature > 0:
         fail(f"--temperature {temperature}: must be > 0")
+    writable(out=out)
     try:
         prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
         options = dict(case=case, all_=all_, max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
@@ -554,8 +623,9 @@ def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (
 
             case_list = load_cases(cases)
             loaded = _load(model or "smollm2-135m", device, dtype or "float32")
+            loaded.check_new_tokens(max_new_tokens, "--max-new-tokens")
             with Progress(TextColumn("[bold]editing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=err) as bar:
+                          console=err, transient=True) as bar:     # a refused method leaves one line
                 task = bar.add_task("edit", total=len(case_list))
                 result = api_edit(loaded, case_list, method, str(hparams) if hparams else None, seed=seed,
                                   stats_dir=stats_dir, on_progress=lambda k: bar.advance(task, k), **parse_sets(set_))
@@ -563,8 +633,6 @@ def compare_gen(run: Optional[Path] = typer.Argument(None, help="run directory (
                 rows = compare_result(loaded, result, prompts or None, **options)
             paths = write_compare(rows, out, f"compare-gen: {method} on {loaded.name}, {cases} "
                                   f"({rows[0]['decoding']})") if out else None
-    except KeyError as e:
-        fail(str(e.args[0]))
     except _run_errors() as e:
         fail(str(e))
     render_table(rows, console, title=f"before / after ({rows[0]['decoding']}, {max_new_tokens} new tokens)")
@@ -584,6 +652,7 @@ def apply_patch(run: Path = typer.Argument(..., help="run directory whose edit.s
     """Write the edited model as a Hugging Face directory (AutoModelForCausalLM.from_pretrained loads it)."""
     from kedit.runs.export import export_run
 
+    writable(out=out)
     try:
         with err.status("[bold]loading the base model, applying the patch, saving ..."):
             path, applied, loaded = export_run(run, out, model=model, case=case, all_=all_, force=force, dtype=dtype,
@@ -631,6 +700,7 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
 
     if table not in (None, "knowedit"):
         fail(f"--table {table}: the one table is 'knowedit'")
+    writable(out=out)
     out = out or Path("reports") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
         summaries = distinguish([summarize(r) for r in runs])
@@ -685,6 +755,8 @@ def trace(model: str = ModelOpt,
         fail("give --prompt and --subject (heatmaps), --cases FILE (average curve), or both")
     if prompt is not None and subject is None:
         fail("--prompt needs --subject (the subject as it occurs in the prompt)")
+    seed_range(seed)
+    writable(out=out)
     try:
         kinds = tuple(kind) if kind else (("hidden", "mlp", "attn") if prompt else ("mlp", "hidden"))
         settings = TraceSettings(kinds=kinds, samples=samples, noise=noise, window=window, seed=seed,
@@ -721,7 +793,7 @@ def trace(model: str = ModelOpt,
         configured = configured_layers(loaded)
         run_dir = write_trace_run(out, {**config, "configured": configured}, prompt_trace, cases_trace, configured,
                                   seconds)
-    except TraceError as e:
+    except (TraceError, *user_errors()) as e:
         fail(str(e))
     except KeyboardInterrupt:
         err.print("interrupted: no run directory written")
@@ -761,6 +833,8 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
     from kedit.util.atomic import write_text
 
     at_least(1, steps=steps, val_every=val_every)
+    seed_range(seed)
+    writable(out=None if resume else out)
     try:
         if resume:
             cfg = read_config(resume)
@@ -793,8 +867,6 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
             run_dir = new_run_dir(out, method, loaded.name, config)
             write_config(run_dir, config)
             write_text(run_dir / "split.json", json.dumps(split.info, indent=1) + "\n")
-    except KeyError as e:
-        fail(str(e.args[0]))
     except user_errors() as e:
         fail(str(e))
     settings = settings_from(params, seed)

@@ -210,22 +210,38 @@ def load_params(cls: type, path: str | Path, adapter: Any = None, overrides: dic
     return build_params(cls, {**data, **(overrides or {})}, source)
 
 
-#: Params fields that name layers of the model (an int, or a list of ints).
-LAYER_FIELDS = ("layer", "layers")
+def layer_fields(params: Any) -> list[str]:
+    """The fields of a Params that name layers of the model: ``layer``, ``layers`` and every
+    ``*_layer`` / ``*_layers`` (an int, a list of ints, or None for the method's default)."""
+    return [f.name for f in dataclasses.fields(params)
+            if f.name in ("layer", "layers") or f.name.endswith(("_layer", "_layers"))]
+
+
+def check_layer_list(layers: Any, adapter: Any, what: str) -> None:
+    """Every layer in ``layers`` exists in the model, else one ConfigError naming ``what``."""
+    n = adapter.n_layers
+    bad = [v for v in layers if not 0 <= v < n]
+    if bad:
+        raise ConfigError(f"{what}: layer {bad[0]} out of range, the model has {n} layers (0..{n - 1})")
 
 
 def check_layers(params: Any, adapter: Any, source: str, overridden: set[str] = frozenset()) -> None:
-    """Every layer a Params names exists in the model: one ConfigError naming the key."""
+    """Every layer a Params names exists in the model: one ConfigError naming the key.
+
+    A field listed in the Params' ``LAST_LAYER_FIELDS`` may also be -1, the last layer."""
     n = adapter.n_layers
-    for name in LAYER_FIELDS:
+    last_ok = set(getattr(params, "LAST_LAYER_FIELDS", ()))
+    for name in layer_fields(params):
         value = getattr(params, name, None)
         if value is None:
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
-        bad = [v for v in values if isinstance(v, int) and not 0 <= v < n]
+        bad = [v for v in values if isinstance(v, int) and not 0 <= v < n and not (v == -1 and name in last_ok)]
         if bad:
             where = "--set" if name in overridden else source
-            raise ConfigError(f"{where}: '{name}': layer {bad[0]} out of range, the model has {n} layers (0..{n - 1})")
+            last = ", or -1 for the last" if name in last_ok else ""
+            raise ConfigError(f"{where}: '{name}': layer {bad[0]} out of range, the model has {n} layers "
+                              f"(0..{n - 1}{last})")
 
 
 def default_hparams_file(method: str, model_name: str, family: str) -> Path | None:

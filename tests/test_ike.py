@@ -175,8 +175,10 @@ def test_encoder_retrieval_with_a_local_sentence_transformer(pool, tmp_path, mon
     assert method.retrieve([EDIT], random.Random(0)) == [TOKYO, LOUVRE, COLOSSEUM]
     assert len(list((tmp_path / "home" / "ike").glob("pool-*.safetensors"))) == 1
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)      # not installed
-    with pytest.raises(RuntimeError, match="pip install sentence-transformers"):
+    with pytest.raises(ConfigError, match="pip install sentence-transformers"):
         ike(tiny_model("llama"), pool, encoder=str(enc)).prepare()
+    with pytest.raises(ConfigError, match="pip install sentence-transformers"):      # refused before any work
+        ike(tiny_model("llama"), pool, encoder=str(enc)).check()
 
 
 # ------------------------------------------------------------------ the context text

@@ -122,7 +122,7 @@ def load_corpus(path: str | None = None, n: int | None = None) -> tuple[list[str
         return texts, f"wikitext-2:{corpus_hash(texts)}"
     p = Path(path).expanduser()
     if not p.is_file():
-        raise CorpusError(f"corpus file {p}: no such file")
+        raise CorpusError(f"corpus file {p}: {'a directory, not a file' if p.is_dir() else 'no such file'}")
     suffix = p.suffix.lower()
     try:
         if suffix == ".txt":

@@ -4,7 +4,8 @@
 * :class:`~kedit.methods.edit.Edit` -- what a method returns: a weight :class:`Delta`, a
   :class:`ModuleEdit` (adapters, memories) or a :class:`ContextEdit` (prompts); every kind
   applies, reverts bit-identically, saves and loads (see :mod:`kedit.methods.edit`).
-* :class:`Method` -- ``Params`` (frozen dataclass), ``prepare()`` (statistics, caches;
+* :class:`Method` -- ``Params`` (frozen dataclass), ``check()`` (what this model cannot
+  run, refused before any work), ``prepare()`` (statistics, caches;
   idempotent), ``compute(requests) -> Edit`` (the model is unchanged on return),
   ``commit(edit)`` (sequential state; default no-op), ``state()`` / ``load_state()``
   (that state as named tensors, so a sequential run can be resumed).
@@ -67,6 +68,12 @@ class Method:
     @property
     def adapter(self):
         return self.loaded.adapter
+
+    def check(self) -> None:
+        """Refuse, before any work, a configuration this model cannot run: raise
+        :class:`kedit.config.ConfigError` (one line naming the key or file).  Cheap: no
+        statistics, no training, no large reads.  Layers out of range are checked for every
+        method already (:func:`kedit.config.check_layers`); default: nothing more."""
 
     def prepare(self) -> None:
         """Load or compute what every edit needs (statistics, context prefixes); idempotent."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
+from kedit.config import ConfigError
 from kedit.methods.base import Method
 
 # Modules that define methods, by kind (the folder says where the edit lives); importing
@@ -25,6 +26,11 @@ METHOD_MODULES = (
     "kedit.methods.learned.mend", "kedit.methods.learned.serac",          # trained editors
 )
 KINDS = ("weights", "adapter", "memory", "context")
+
+
+class UnknownMethod(ConfigError, KeyError):
+    """A method name nothing is registered under: a ConfigError (one line) that is also the
+    KeyError a registry lookup has always raised."""
 #: Other names of a registered method (folded as in :func:`fold`).  Only names that mean the
 #: method as kedit ships it: r-ROME (Gupta et al. 2024) is ROME with the averaged key in the
 #: update's denominator too, which is kedit's ``rome`` default (``key_mode: averaged``).
@@ -69,7 +75,7 @@ class Registry:
         if key is None:
             close = difflib.get_close_matches(name.lower(), list(self._methods), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise KeyError(f"unknown method '{name}' (known: {', '.join(sorted(self._methods))}){hint}")
+            raise UnknownMethod(f"unknown method '{name}' (known: {', '.join(sorted(self._methods))}){hint}")
         return self._methods[key]
 
     def names(self) -> list[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kedit.util.atomic import write_text
+from kedit.util.atomic import WriteError, refused_as, write_text
 from kedit.models.arch import ModelAdapter
 from kedit.util.paths import configs_dir, kedit_home
 
@@ -54,6 +54,13 @@ class LoadedModel:
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
 
+    def check_new_tokens(self, n: int, option: str) -> None:
+        """Refuse generating more new tokens than the model has positions (a typo such as
+        an extra zero would otherwise run for hours): one ModelError naming ``option``."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and n > limit:
+            raise ModelError(f"{option} {n}: more than {self.name} has positions ({limit})")
+
     def describe(self) -> dict:
         return {"name": self.name, "path": self.path, "fingerprint": self.fingerprint,
                 "model_type": self.model.config.model_type, "device": str(self.device),
@@ -65,9 +72,17 @@ class LoadedModel:
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"--device {device}: choose auto, cpu or cuda[:N]")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
@@ -153,8 +168,10 @@ def _gguf_hash(path: Path) -> str:
         table = {}
     if key not in table:
         table[key] = file_sha256(path)
-        index.parent.mkdir(parents=True, exist_ok=True)
-        write_text(index, json.dumps(table, indent=1))
+        try:
+            write_text(index, json.dumps(table, indent=1))
+        except WriteError:
+            pass                # a memo only: the next load hashes again
     return table[key]
 
 
@@ -223,18 +240,19 @@ def convert_gguf(gguf: Path, out_dir: Path, progress=print) -> None:
                                                  **_gguf_dequantize_option())
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     drop_gguf_quantizer(model, gguf)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "kedit-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": _gguf_hash(gguf)}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with refused_as(f"the model cache {out_dir.parent} (KEDIT_HOME)"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "kedit-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": _gguf_hash(gguf)}))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def dir_fingerprint(path: Path) -> str:
@@ -282,8 +300,26 @@ def resolve_model_dir(spec: str, progress=print) -> tuple[Path | str, str, dict]
 def _cached_gguf(gguf: Path, progress) -> tuple[Path, str]:
     out, digest = gguf_cache_dir(gguf)
     if not (out / "config.json").exists():
-        convert_gguf(gguf, out, progress)
+        try:
+            convert_gguf(gguf, out, progress)
+        except unreadable_model_errors() as e:
+            raise ModelError(f"model file {gguf}: cannot read it as a GGUF model ({_first_line(e)})") from None
     return out, digest[:16]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def unreadable_model_errors() -> tuple[type[BaseException], ...]:
+    """What the readers raise for model files that are not what they claim (a truncated
+    safetensors, a GGUF that is not one, a directory without a tokenizer): the user's files."""
+    import struct
+
+    from safetensors import SafetensorError
+
+    return (ValueError, KeyError, EOFError, struct.error, SafetensorError)
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
@@ -299,9 +335,11 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fl
         tok = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dt)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"--model {spec}: cannot load ({first}); offline machines need a local "
-                         f"directory, a .gguf file or a name from 'kedit models'") from None
+        hint = ("" if Path(spec).expanduser().exists() else "; offline machines need a local directory, "
+                "a .gguf file or a name from 'kedit models'")
+        raise ModelError(f"--model {spec}: cannot load ({_first_line(e)}){hint}") from None
+    except unreadable_model_errors() as e:
+        raise ModelError(f"--model {spec}: cannot load ({_first_line(e)})") from None
     if not fingerprint:
         # Hub model: fingerprint from the resolved snapshot directory when known.
         snap = getattr(model.config, "_name_or_path", spec)

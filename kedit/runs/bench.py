@@ -31,6 +31,8 @@ that moment); the curve goes into ``metrics.json["curve"]``.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +40,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from kedit.util.atomic import atomic_path
+from kedit.util.atomic import atomic_path, refused_as
 
 from kedit.data.cases import EditCase, load_cases
 from kedit.util.paths import package_data
 from kedit.methods.edit import pack_sites, unpack_sites
 from kedit.runs.runner import Resume, SiteStates, metrics_summary, run_edits
-from kedit.runs.rundir import append_record, read_results, write_json, write_text
+from kedit.runs.rundir import append_record, read_results, unique_run_id, write_json, write_text
 
 # name -> (file under kedit/data, layout, note shown with the numbers)
 BENCHMARKS = {
@@ -306,6 +308,23 @@ def time_split(records: Sequence[dict]) -> dict:
     return out
 
 
+def new_bench_dir(out: Path, run_id: str, config: dict) -> Path:
+    """A new bench run directory holding its ``config.yaml``: built under a hidden name and
+    renamed, so a failure (a full disk) leaves nothing that ``--resume`` would take for a run."""
+    out = Path(out)
+    run_id = unique_run_id(out, run_id)
+    final, staged = out / run_id, out / f".{run_id}.partial"
+    with refused_as(out):
+        staged.mkdir(parents=True)
+        try:
+            save_bench_config(staged, config)
+            os.replace(staged, final)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+    return final
+
+
 def save_bench_config(run_dir: Path, config: dict) -> None:
     write_text(run_dir / "config.yaml", yaml.safe_dump(json.loads(json.dumps(config, default=str)),
                                                         sort_keys=False))
@@ -315,9 +334,22 @@ def load_bench_config(run_dir: Path) -> dict:
     f = Path(run_dir) / "config.yaml"
     if not f.exists():
         raise BenchError(f"--resume {run_dir}: no config.yaml (not a kedit bench run directory)")
-    config = yaml.safe_load(f.read_text())
-    if "bench" not in config:
+    try:
+        config = yaml.safe_load(f.read_text())
+    except yaml.YAMLError as e:
+        raise BenchError(f"--resume {run_dir}: config.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict) or "bench" not in config:
         raise BenchError(f"--resume {run_dir}: config.yaml has no 'bench' section (not a bench run)")
     if (Path(run_dir) / "metrics.json").exists():
         raise BenchError(f"--resume {run_dir}: the run is already complete (metrics.json exists)")
+    missing = [k for k in RESUME_KEYS if k not in config] + [f"bench.{k}" for k in RESUME_BENCH_KEYS
+                                                            if k not in (config["bench"] or {})]
+    missing += [f"model.{k}" for k in ("name", "device", "dtype") if k not in (config.get("model") or {})]
+    if missing:
+        raise BenchError(f"--resume {run_dir}: config.yaml lacks {', '.join(missing)} (not written by kedit bench)")
     return config
+
+
+#: What ``--resume`` reads from a bench run's config.yaml.
+RESUME_KEYS = ("method", "model", "seed", "stats_dir", "hparams", "hparams_source")
+RESUME_BENCH_KEYS = ("name", "n", "offset", "batch_size", "sequential", "data")

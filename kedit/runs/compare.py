@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kedit.util.atomic import write_text
+from kedit.util.atomic import output_dir, write_text
 from kedit.runs.experiment import generations_before_after
 from kedit.evaluation.generation import default_prompts, render_markdown
 from kedit.runs.result import PatchError, check_fingerprint, select_edits
@@ -120,11 +120,16 @@ def compare_result(loaded: LoadedModel, result: EditResult, prompts: Sequence[st
 
 def write_compare(rows: Sequence[dict], out_dir: str | os.PathLike, title: str) -> tuple[Path, Path]:
     """``<out_dir>/compare-gen.jsonl`` and ``compare-gen.md``, each written atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl, md = out_dir / f"{STEM}.jsonl", out_dir / f"{STEM}.md"
-    write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_text(md, render_markdown(rows, title=title))
+    with output_dir(out_dir) as out:
+        jsonl, md = out / f"{STEM}.jsonl", out / f"{STEM}.md"
+        new = not jsonl.exists()
+        write_text(jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        try:
+            write_text(md, render_markdown(rows, title=title))
+        except BaseException:
+            if new:                 # not one file of the pair without the other
+                jsonl.unlink(missing_ok=True)
+            raise
     return jsonl, md
 
 
@@ -143,6 +148,7 @@ def compare_run(run_dir: str | os.PathLike, *, model: LoadedModel | str | None =
         select_edits(result.edits, result.sequential, case, all_)  # refuse a bad choice before loading
     loaded = load_base_model(config, model, device=device, dtype=dtype, progress=progress)
     check_fingerprint(result.base_fingerprint, loaded, force=force, what=f"run {run_dir}")
+    loaded.check_new_tokens(options.get("max_new_tokens", 24), "--max-new-tokens")
     result.model = loaded
     rows = compare_result(loaded, result, prompts, case=case, all_=all_, **options)
     title = f"compare-gen: {config.get('run_id', run_dir.name)} ({rows[0]['decoding']}, " \

@@ -24,6 +24,7 @@ from kedit.models.load import LoadedModel
 from kedit.methods.edit import Edit, class_path
 from kedit.runs.result import EDIT_FILE, EditResult, applied_edits, combined, ordered_steps, unique_edits
 from kedit.runs.rundir import RunDir, new_run_id, write_json, write_yaml
+from kedit.util.atomic import refused_as
 
 
 def versions() -> dict[str, str]:
@@ -37,10 +38,15 @@ def versions() -> dict[str, str]:
 
 def make_method(loaded: LoadedModel, method: str, hparams: str | None = None, overrides: dict | None = None,
                 ctx: RunContext | None = None) -> tuple[Method, str]:
+    """The method with its hyperparameters for this model, and where they came from.  Every
+    configuration error is a :class:`~kedit.config.ConfigError` raised here, before any work:
+    the file, the keys and their types, layers the model lacks, the method's own check."""
     cls = get_method(method)
     params, source = resolve_params(cls, loaded.name, loaded.adapter, hparams, overrides)
     check_layers(params, loaded.adapter, source, set(overrides or {}))
-    return cls(loaded, params, ctx or RunContext()), source
+    meth = cls(loaded, params, ctx or RunContext())
+    meth.check()
+    return meth, source
 
 
 def resolved_config(loaded: LoadedModel, method: Method, hparams_source: str, *, cases_file: str | None,
@@ -103,29 +109,30 @@ def write_run(out_root: str | Path, loaded: LoadedModel, method: Method, result:
 
     from kedit.evaluation.generation import write_generations
 
-    run_id = new_run_id(method.name, loaded.name, config)
-    run = RunDir(Path(out_root), run_id)
-    try:
-        for line in log_lines:
-            run.log(line)
-        write_yaml(run.path / "config.yaml", {"run_id": run_id, **config})
-        write_cases(result.cases, run.path / "cases.jsonl")
-        for rec in result.records:
-            run.append_result(rec)
-        write_json(run.path / "metrics.json", result.metrics)
-        tensors, groups, specs = edits_for_file(result)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        meta = {"mode": "sequential" if result.sequential else "independent",
-                "model_fingerprint": loaded.fingerprint, "method": method.name, "kind": result.kind,
-                "cases": json.dumps(groups), "edits": json.dumps(specs, default=str)}
-        save_file(tensors, str(run.path / EDIT_FILE), metadata=meta)
-        if generations is not None:
-            write_generations(generations, run.path)
-        run.log(f"timings: {result.timings}")
-        return run.finish()
-    except BaseException:
-        run.abandon()
-        raise
+    with refused_as(out_root):   # a full disk, a file where the directory should be: one line
+        run_id = new_run_id(method.name, loaded.name, config)
+        run = RunDir(Path(out_root), run_id)
+        try:
+            for line in log_lines:
+                run.log(line)
+            write_yaml(run.path / "config.yaml", {"run_id": run_id, **config})
+            write_cases(result.cases, run.path / "cases.jsonl")
+            for rec in result.records:
+                run.append_result(rec)
+            write_json(run.path / "metrics.json", result.metrics)
+            tensors, groups, specs = edits_for_file(result)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            meta = {"mode": "sequential" if result.sequential else "independent",
+                    "model_fingerprint": loaded.fingerprint, "method": method.name, "kind": result.kind,
+                    "cases": json.dumps(groups), "edits": json.dumps(specs, default=str)}
+            save_file(tensors, str(run.path / EDIT_FILE), metadata=meta)
+            if generations is not None:
+                write_generations(generations, run.path)
+            run.log(f"timings: {result.timings}")
+            return run.finish()
+        except BaseException:
+            run.abandon()
+            raise
 
 
 def generations_before_after(loaded: LoadedModel, result: EditResult, max_new_tokens: int = 24,

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kedit.methods.edit import Delta, Edit, EditError, class_path, import_class
+from kedit.util.atomic import refused_as
+from kedit.runs.rundir import RUN_KINDS, run_kind
 from kedit.runs.result import (DELTA_FILE, EDIT_FILE, EditResult, PatchError, applied_edits, check_fingerprint,
                                select_edits)
 
@@ -129,9 +131,13 @@ def read_run_config(run_dir: str | os.PathLike) -> dict:
     if not f.is_file():
         raise PatchError(f"{run_dir}: no config.yaml (not a kedit run directory)")
     try:
-        return yaml.safe_load(f.read_text()) or {}
+        config = yaml.safe_load(f.read_text()) or {}
     except yaml.YAMLError as e:
         raise PatchError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+    kind = run_kind(config)
+    if kind in ("train", "trace"):
+        raise PatchError(f"{run_dir}: {RUN_KINDS[kind]}, not an edit run: it holds no edit")
+    return config
 
 
 def load_run(run_dir: str | os.PathLike, model: LoadedModel | None = None, *, force: bool = False) -> EditResult:
@@ -254,31 +260,32 @@ def export_model(loaded: LoadedModel, edits: Sequence[Edit], out_dir: str | os.P
             raise PatchError(str(e)) from None
     else:
         to_apply = []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
-    try:
-        with applied_edits(loaded.model, to_apply):
-            savable_model(loaded.model).save_pretrained(tmp, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(tmp)
-        if not mergeable:
-            _save_edit_chain(edits, tmp / EDITED_FILE)
-        info = {"base_model": loaded.name, "base_fingerprint": loaded.fingerprint,
-                "edits": [e.meta.get("label", "") for e in edits], "kinds": sorted({e.kind for e in edits}),
-                "merged": mergeable,
-                "load_with": "transformers from_pretrained" if mergeable else "kedit.load_edited(DIR)",
-                **(provenance or {})}
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp (and some writers) make private files; a model is shared
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with refused_as(f"--out {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+        try:
+            with applied_edits(loaded.model, to_apply):
+                savable_model(loaded.model).save_pretrained(tmp, safe_serialization=True)
+            loaded.tokenizer.save_pretrained(tmp)
+            if not mergeable:
+                _save_edit_chain(edits, tmp / EDITED_FILE)
+            info = {"base_model": loaded.name, "base_fingerprint": loaded.fingerprint,
+                    "edits": [e.meta.get("label", "") for e in edits], "kinds": sorted({e.kind for e in edits}),
+                    "merged": mergeable,
+                    "load_with": "transformers from_pretrained" if mergeable else "kedit.load_edited(DIR)",
+                    **(provenance or {})}
+            (tmp / PROVENANCE_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)   # mkdtemp (and some writers) make private files; a model is shared
+            for f in tmp.iterdir():
+                os.chmod(f, 0o666 & ~umask)
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from kedit.util.atomic import atomic_path, write_text
+from kedit.util.atomic import atomic_path, output_dir, write_text
 
 #: Metrics shown by ``kedit runs`` (post-edit means), with their column names: the three
 #: EasyEdit accuracies and the CounterFact score (which sums up ES, PS and NS).
@@ -104,7 +104,7 @@ def _time(run_id: str, path: Path) -> _dt.datetime | None:
 def summarize(run_dir: str | os.PathLike) -> RunSummary:
     """Read one run directory (see the module docstring)."""
     from kedit.runs.runner import metrics_summary
-    from kedit.runs.rundir import read_results
+    from kedit.runs.rundir import RUN_KINDS, read_results, run_kind
 
     path = Path(run_dir)
     cfg_file = path / "config.yaml"
@@ -118,6 +118,9 @@ def summarize(run_dir: str | os.PathLike) -> RunSummary:
         raise ReportError(f"{path}: unreadable run files ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict):
         raise ReportError(f"{cfg_file}: expected a mapping")
+    kind = run_kind(config)
+    if kind not in ("edit", "bench"):
+        raise ReportError(f"{path}: not an edit or bench run ({RUN_KINDS[kind]})")
     complete = metrics is not None
     if metrics is None:
         records = read_results(path / "results.jsonl")
@@ -143,6 +146,8 @@ def list_runs(root: str | os.PathLike = "runs") -> list[RunSummary]:
     root = Path(root)
     if not root.is_dir():
         raise ReportError(f"{root}: no such directory")
+    if (root / "config.yaml").is_file():
+        raise ReportError(f"{root}: a run directory; give the directory that holds runs ({root.parent})")
     out = []
     for p in sorted(root.iterdir()):
         if p.name.startswith(".") or not (p / "config.yaml").is_file():
@@ -452,14 +457,13 @@ def write_report(run_dirs: list[str | os.PathLike | RunSummary], out_dir: str | 
     if not run_dirs:
         raise ReportError("give at least one run directory")
     runs = distinguish([d if isinstance(d, RunSummary) else summarize(d) for d in run_dirs])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    if bar_chart(runs, out / "report.png"):
-        written["bars"] = out / "report.png"
-    if curve_chart(runs, out / "report-curve.png"):
-        written["curve"] = out / "report-curve.png"
-    write_text(out / "report.md", render_report(runs, {k: p.name for k, p in written.items()}))
+    with output_dir(out_dir, f"--out {out_dir}") as out:
+        if bar_chart(runs, out / "report.png"):
+            written["bars"] = out / "report.png"
+        if curve_chart(runs, out / "report-curve.png"):
+            written["curve"] = out / "report-curve.png"
+        write_text(out / "report.md", render_report(runs, {k: p.name for k, p in written.items()}))
     written["markdown"] = out / "report.md"
     return written
 
@@ -706,11 +710,10 @@ def write_knowedit_table(run_dirs: list[str | os.PathLike | RunSummary], out_dir
     """``knowedit.md`` and ``knowedit.png`` in ``out_dir``; returns what was written."""
     runs = [d if isinstance(d, RunSummary) else summarize(d) for d in run_dirs]
     table = knowedit_table(runs, published=published)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    if knowedit_chart(table, out / "knowedit.png"):
-        written["chart"] = out / "knowedit.png"
-    write_text(out / "knowedit.md", render_knowedit(table, "knowedit.png" if "chart" in written else None))
+    with output_dir(out_dir, f"--out {out_dir}") as out:
+        if knowedit_chart(table, out / "knowedit.png"):
+            written["chart"] = out / "knowedit.png"
+        write_text(out / "knowedit.md", render_knowedit(table, "knowedit.png" if "chart" in written else None))
     written["markdown"] = out / "knowedit.md"
     return written

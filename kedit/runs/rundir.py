@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from kedit.util.atomic import write_text
+from kedit.util.atomic import refused_as, write_text
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -90,32 +90,60 @@ class RunDir:
         self.run_id = run_id = unique_run_id(self.root, run_id)
         self.final = self.root / run_id
         self.path = self.root / f".{run_id}.partial" if staged else self.final
-        self.path.mkdir(parents=True, exist_ok=False)
-        self._log = open(self.path / "log.txt", "a", buffering=1)
+        with refused_as(self.root):
+            self.path.mkdir(parents=True, exist_ok=False)
+            try:
+                self._log = open(self.path / "log.txt", "a", buffering=1)
+            except BaseException:
+                shutil.rmtree(self.path, ignore_errors=True)
+                raise
 
     def log(self, msg: str) -> None:
         now = _dt.datetime.now().strftime("%H:%M:%S")
-        self._log.write(f"[{now}] {msg}\n")
+        with refused_as(self.path / "log.txt"):
+            self._log.write(f"[{now}] {msg}\n")
 
     def append_result(self, record: dict) -> None:
         append_record(self.path / "results.jsonl", record)
 
     def finish(self) -> Path:
-        self._log.close()
-        if self.path != self.final:
-            os.replace(self.path, self.final)
+        with refused_as(self.final):
+            self._log.close()
+            if self.path != self.final:
+                os.replace(self.path, self.final)
             self.path = self.final
         return self.final
 
     def abandon(self) -> None:
-        self._log.close()
+        try:
+            self._log.close()
+        except OSError:
+            pass            # the directory goes anyway
         if self.path != self.final and self.path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+def run_kind(config: Any) -> str:
+    """What wrote a run directory, from its config.yaml: ``edit``, ``bench``, ``train``
+    (``kedit train``), ``trace`` (``kedit trace``) or ``unknown``."""
+    if not isinstance(config, dict):
+        return "unknown"
+    if config.get("kind") == "train":
+        return "train"
+    if "method" in config:
+        return "bench" if config.get("bench") else "edit"
+    return "trace" if "settings" in config else "unknown"
+
+
+#: How a message names each kind of run directory.
+RUN_KINDS = {"edit": "an edit run (kedit edit)", "bench": "a bench run (kedit bench)",
+             "train": "a training run (kedit train)", "trace": "a causal-tracing run (kedit trace)",
+             "unknown": "not a kedit run"}
+
+
 def append_record(path: Path, record: dict) -> None:
     """Append one case's record to a results.jsonl, flushed and fsynced (the resume log)."""
-    with open(path, "a") as f:
+    with refused_as(path), open(path, "a") as f:
         f.write(json.dumps(record, default=_json_default) + "\n")
         f.flush()
         os.fsync(f.fileno())

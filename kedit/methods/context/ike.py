@@ -123,6 +123,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
+from kedit.config import ConfigError
 from kedit.data.cases import EditCase, load_cases
 from kedit.methods.base import ContextEdit, EditRequest, Method
 from kedit.methods.registry import register
@@ -163,6 +164,10 @@ class IkeParams:
             return f"key 'encoder' is set but key 'retrieval' is '{self.retrieval}' (use 'auto' or 'encoder')"
         if self.max_context_tokens is not None and self.max_context_tokens < 1:
             return "key 'max_context_tokens': must be >= 1 (or null)"
+        if self.pool and not Path(self.pool).expanduser().is_file():
+            return f"key 'pool': {self.pool}: no such file"
+        if self.encoder and not Path(self.encoder).expanduser().is_dir():
+            return f"key 'encoder': {self.encoder}: not a local directory (kedit never downloads one)"
         return None
 
     @property
@@ -298,6 +303,10 @@ class TfidfIndex:
         return out
 
 
+NO_SENTENCE_TRANSFORMERS = ("ike: retrieval 'encoder' needs the sentence-transformers package "
+                            "(pip install sentence-transformers; kedit does not depend on it), or use retrieval: tfidf")
+
+
 class EncoderIndex:
     """Cosine of sentence-transformers embeddings (the paper's and EasyEdit's retriever)."""
 
@@ -305,11 +314,9 @@ class EncoderIndex:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
-            raise RuntimeError("ike: retrieval 'encoder' needs the sentence-transformers package "
-                               "(pip install sentence-transformers; kedit does not depend on it), "
-                               "or use retrieval: tfidf") from None
+            raise ConfigError(NO_SENTENCE_TRANSFORMERS) from None
         if not Path(path).expanduser().exists():
-            raise RuntimeError(f"ike: encoder '{path}' is not a local directory (kedit never downloads one)")
+            raise ConfigError(f"ike: encoder '{path}' is not a local directory (kedit never downloads one)")
         self.model = SentenceTransformer(str(Path(path).expanduser()), device=str(device))
         self.pool = self._cached(path, texts, log)
 
@@ -371,6 +378,14 @@ class IKE(Method):
         self.facts: list[dict] = []      # committed facts (sequential runs)
 
     # --- preparation ----------------------------------------------------------------
+    def check(self) -> None:
+        """Encoder retrieval needs sentence-transformers, which kedit does not depend on."""
+        if self.params.retriever == "encoder":
+            try:
+                import sentence_transformers  # noqa: F401  (prepare() uses it)
+            except ImportError:
+                raise ConfigError(NO_SENTENCE_TRANSFORMERS) from None
+
     def prepare(self) -> None:
         if self.pool is not None:
             return

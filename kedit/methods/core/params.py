@@ -5,13 +5,15 @@ prefixes.  Each method's ``Params`` extends this with what is its own."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 from kedit.methods.core.values import TargetOptions
 
 
 @dataclass(frozen=True)
 class LocateEditParams:
+    LAST_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ("v_loss_layer",)   # -1: the last layer
     fact_token: Literal["subject_last", "subject_first", "last"] = "subject_last"
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
@@ -31,6 +33,10 @@ class LocateEditParams:
             return "key 'v_num_grad_steps': must be >= 1"
         if self.v_lr <= 0:
             return "key 'v_lr': must be > 0"
+        if self.mom2_samples < 1:
+            return "key 'mom2_samples': must be >= 1"
+        if self.mom2_adjustment and self.mom2_corpus and not Path(self.mom2_corpus).expanduser().is_file():
+            return f"key 'mom2_corpus': {self.mom2_corpus}: no such file"
         return None
 
     def target_options(self) -> TargetOptions:

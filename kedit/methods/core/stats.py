@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from kedit.util.atomic import atomic_path
-from kedit.data.corpus import load_corpus
+from kedit.data.corpus import CorpusError, load_corpus
 from kedit.models.hooks import StopForward, record, run_until_stopped
 from kedit.util.paths import stats_dir as _stats_dir
 
@@ -312,7 +312,7 @@ def compute_second_moments(loaded, layers: Sequence[int], texts: Sequence[str], 
     enc = [ids for ids in enc if len(ids) > 0]
     total = sum(len(ids) for ids in enc)
     if total == 0:
-        raise ValueError("statistics corpus produced no tokens")
+        raise CorpusError("statistics corpus produced no tokens")
     device = adapter.device
     if token_budget is None:
         token_budget = CPU_TOKEN_BUDGET if device.type == "cpu" else TOKEN_BUDGET

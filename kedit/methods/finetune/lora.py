@@ -114,6 +114,7 @@ from kedit.methods.base import EditRequest, Method, ModuleEdit
 from kedit.methods.core.keys import batch_tensors, pad_id
 from kedit.methods.edit import EditError, EditWrapper, WrapperSpec
 from kedit.methods.finetune.ft import edit_rows, frozen, loss_terms, per_row_loss
+from kedit.config import ConfigError
 from kedit.methods.registry import register
 
 Variant = Literal["adalora", "lora"]
@@ -351,6 +352,13 @@ class LoRA(Method):
             if not hasattr(base, "weight") or base.weight.dim() != 2:
                 raise EditError(f"module '{path}' ({type(base).__name__}) is not a linear projection")
         return paths
+
+    def check(self) -> None:
+        """The projections ``layers`` and ``target_modules`` name exist and are linear."""
+        try:
+            self.target_paths()
+        except EditError as e:
+            raise ConfigError(f"key 'target_modules': {e}") from None
 
     def prepare(self) -> None:
         self.target_paths()  # module names and layers checked before any case is evaluated

@@ -80,7 +80,7 @@ from torch import nn
 from kedit.config import ConfigError
 from kedit.methods.base import Delta, EditRequest, Method
 from kedit.methods.core.keys import pad_id
-from kedit.methods.learned.trainer import LearnCase, resolve_editor
+from kedit.methods.learned.trainer import LearnCase, editor_path, resolve_editor
 from kedit.methods.registry import register
 from kedit.models.hooks import record, replay_from, run_until_stopped
 from kedit.models.tokens import encode_prompt_target, pad_batch
@@ -601,6 +601,11 @@ class MEND(Method):
     @classmethod
     def learner(cls, loaded, params: MendParams, seed: int) -> MendLearner:
         return MendLearner(loaded, params, seed)
+
+    def check(self) -> None:
+        """The trained editor exists, is one of this method's and was trained for this model."""
+        if self.params.editor != "untrained":
+            editor_path(self.name, self.params.editor, self.loaded)
 
     def prepare(self) -> None:
         if self._editor is not None:

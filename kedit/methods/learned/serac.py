@@ -66,7 +66,7 @@ from kedit.config import ConfigError
 from kedit.methods.base import EditRequest, Method, ModuleEdit
 from kedit.methods.core.keys import pad_id
 from kedit.methods.edit import EditError, EditWrapper, WrapperSpec
-from kedit.methods.learned.trainer import LearnCase, resolve_editor
+from kedit.methods.learned.trainer import LearnCase, editor_path, resolve_editor
 from kedit.methods.registry import register
 from kedit.models.hooks import record, run_until_stopped
 from kedit.models.tokens import encode_prompt_target, pad_batch
@@ -509,6 +509,11 @@ class SERAC(Method):
     @classmethod
     def learner(cls, loaded, params: SeracParams, seed: int) -> SeracLearner:
         return SeracLearner(loaded, params, seed)
+
+    def check(self) -> None:
+        """The trained editor exists, is one of this method's and was trained for this model."""
+        if self.params.editor != "untrained":
+            editor_path(self.name, self.params.editor, self.loaded)
 
     def prepare(self) -> None:
         if self._state is not None:

@@ -55,7 +55,7 @@ import yaml
 
 from kedit.config import ConfigError
 from kedit.data.cases import EditCase, load_cases
-from kedit.util.atomic import atomic_path, write_text
+from kedit.util.atomic import atomic_path, refused_as, write_text
 from kedit.util.paths import kedit_home, package_data
 
 EDITOR_FILE = "editor.safetensors"
@@ -256,19 +256,33 @@ def save_editor(path: Path, learner: Learner, model: dict[str, Any], step: int, 
                   "model": model, "step": step, "scores": scores})
 
 
-def read_editor(path: Path, method: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """An editor file (or a training run directory holding one): state and header."""
+def read_editor_header(path: Path, method: str) -> dict[str, Any]:
+    """The header of an editor file (or of a training run directory holding one), checked:
+    cheap, no tensor is read."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
     file = path / EDITOR_FILE if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"editor {path}: no {EDITOR_FILE} there (a `kedit train {method}` run directory)")
-    tensors, raw = load_tensors(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"editor {file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     if raw.get("kedit") != "editor":
         raise ConfigError(f"editor {file}: not a kedit editor file")
     meta = {k: (v if k in ("kedit", "method") else json.loads(v)) for k, v in raw.items()}
     if meta["method"] != method:
         raise ConfigError(f"editor {file}: a {meta['method']} editor, not a {method} one")
     meta["file"] = str(file)
+    return meta
+
+
+def read_editor(path: Path, method: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An editor file (or a training run directory holding one): state and header."""
+    meta = read_editor_header(path, method)
+    tensors, _ = load_tensors(Path(meta["file"]))
     return tensors, meta
 
 
@@ -307,12 +321,18 @@ def find_editor(method: str, loaded: Any) -> Path:
     return Path(max(found)[1])
 
 
+def editor_path(method: str, editor: str | None, loaded: Any) -> Path:
+    """Where the editor a method's ``editor`` hyperparameter names is (``None``: the newest
+    for this model), its header checked against the method and the model (no tensors read)."""
+    path = find_editor(method, loaded) if editor is None else Path(editor)
+    check_editor_model(read_editor_header(path, method), loaded)
+    return path
+
+
 def resolve_editor(method: str, editor: str | None, loaded: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The editor a method's ``editor`` hyperparameter names (``None``: the newest for this
     model), read and checked against the model."""
-    path = find_editor(method, loaded) if editor is None else Path(editor)
-    tensors, meta = read_editor(path, method)
-    check_editor_model(meta, loaded)
+    tensors, meta = read_editor(editor_path(method, editor, loaded), method)
     return tensors, meta
 
 
@@ -382,7 +402,8 @@ def new_run_dir(out: Path, method: str, model: str, config: dict[str, Any]) -> P
     while path.exists():
         k += 1
         path = Path(out) / f"{run_id}-{k}"
-    path.mkdir(parents=True)
+    with refused_as(out):
+        path.mkdir(parents=True)
     return path
 
 
@@ -404,7 +425,17 @@ def read_config(run_dir: Path) -> dict[str, Any]:
     f = Path(run_dir) / "config.yaml"
     if not f.is_file():
         raise ConfigError(f"--resume {run_dir}: not a training run directory (no config.yaml)")
-    return yaml.safe_load(f.read_text())
+    try:
+        config = yaml.safe_load(f.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--resume {run_dir}: config.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict) or config.get("kind") != "train":
+        raise ConfigError(f"--resume {run_dir}: not a training run directory (its config.yaml is not kedit train's)")
+    missing = [k for k in ("method", "data", "seed", "model", "hparams", "hparams_source") if k not in config]
+    missing += [f"model.{k}" for k in ("name", "device", "dtype", "fingerprint") if k not in (config.get("model") or {})]
+    if missing:
+        raise ConfigError(f"--resume {run_dir}: config.yaml lacks {', '.join(missing)} (not written by kedit train)")
+    return config
 
 
 @dataclass
@@ -453,7 +484,7 @@ def load_checkpoint(run_dir: Path, learner: Learner, opt: torch.optim.Optimizer)
 
 def _log(run_dir: Path, msg: str) -> None:
     stamp = _dt.datetime.now().strftime("%H:%M:%S")
-    with open(run_dir / "log.txt", "a", encoding="utf-8") as f:
+    with refused_as(run_dir / "log.txt"), open(run_dir / "log.txt", "a", encoding="utf-8") as f:
         f.write(f"{stamp} {msg}\n")
 
 

@@ -153,6 +153,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -222,6 +223,8 @@ class WiseParams:
             return "key 'n_irrelevant': must be >= 1"
         if self.n_subject_swaps < 0:
             return "key 'n_subject_swaps': must be >= 0"
+        if self.irrelevant_data and not Path(self.irrelevant_data).expanduser().is_file():
+            return f"key 'irrelevant_data': {self.irrelevant_data}: no such file"
         return None
 
 
