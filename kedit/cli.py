@@ -18,6 +18,8 @@ err = Console(stderr=True)
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="model name (kedit models), HF directory, .gguf file or hub id")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
+DeviceMapOpt = typer.Option(None, "--device-map", help="spread the model over devices: auto | balanced | a JSON "
+                            "file {module: device} (accelerate's device_map); replaces --device")
 # kedit.data.cases.FORMATS, written out so that --help does not import the data layer
 FORMAT_HELP = "cases layout: auto | kedit | easyedit | rome | zsre | knowedit | wikibio"
 EvalOpt = typer.Option("teacher", "--eval", help="teacher (teacher-forced metrics) | generate (scores of greedy "
@@ -89,10 +91,14 @@ def _say(msg: str) -> None:
     err.print(f"[dim]{msg}[/dim]", highlight=False)
 
 
-def _load(model: str, device: str, dtype: str):
+def _quiet(msg: str) -> None:
+    """What processes other than the main one say (nothing: only the main process prints)."""
+
+
+def _load(model: str, device: str, dtype: str, say=_say, device_map: str | None = None):
     from kedit.models.load import load_model
 
-    return load_model(model, device=device, dtype=dtype, progress=_say)
+    return load_model(model, device=device, dtype=dtype, progress=say, device_map=device_map)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -363,15 +369,32 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted bench run"),
           seed: int = typer.Option(0, "--seed"),
           stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
-          device: str = DeviceOpt, dtype: str = DtypeOpt):
+          device: str = DeviceOpt, dtype: str = DtypeOpt, device_map: Optional[str] = DeviceMapOpt):
     """Benchmark a method on CounterFact, zsRE, KnowEdit or the portability sets; resumable with --resume RUN_DIR."""
+    args = dict(locals())
+    from contextlib import ExitStack
+
+    with ExitStack() as group:           # the process group, when launched with several processes
+        _bench(group, **args)
+
+
+def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, sequential, checkpoint_every,
+           generation, gen_tokens, reference, hparams, set_, data, editor, eval_mode, cost, chat_template,
+           ppl_tokens, judge, out, resume, seed, stats_dir, device, dtype, device_map):
+    """The body of ``kedit bench``; ``group`` holds the process group until the command ends."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from kedit.runs.bench import BenchError, get_benchmark, load_bench_config, load_benchmark, run_bench, save_bench_config
     from kedit.runs.experiment import make_method, resolved_config
     from kedit.methods.base import RunContext
     from kedit.runs.rundir import new_run_id, unique_run_id
+    from kedit.util.launch import Launch, LaunchError
 
+    try:
+        launch = Launch.from_env()
+    except LaunchError as e:
+        fail(str(e))
+    say = _say if launch.main else _quiet
     try:
         if resume:
             cfg = load_bench_config(resume)
@@ -383,6 +406,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             gen_tokens, reference = b.get("gen_tokens", 100), b.get("reference")
             method, model, seed = cfg["method"], cfg["model"]["name"], cfg["seed"]
             device, dtype, stats_dir = cfg["model"]["device"], cfg["model"]["dtype"], cfg["stats_dir"]
+            device_map = b.get("device_map")
             overrides, hparams = cfg["hparams"], None
             ev_cfg = b.get("evaluation") or {}
             eval_mode, cost = ev_cfg.get("mode", "teacher"), ev_cfg.get("cost", False)
@@ -397,6 +421,11 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         evaluation_options(eval_mode, cost, chat_template, ppl_tokens, judge)
         if checkpoint_every is not None and not sequential:
             fail("--checkpoint-every needs --sequential")
+        if sequential and launch.sharded:
+            fail(f"--sequential: edits accumulate in one model and cannot be split over {launch.world} processes "
+                 f"(WORLD_SIZE={launch.world}); run it with one process")
+        if device_map is not None and launch.sharded:
+            fail(f"--device-map: one model spread over devices is one process's; not with WORLD_SIZE={launch.world}")
         if (reference or gen_tokens != 100) and not generation:
             fail("--reference and --gen-tokens go with --generation")
         ref_data = None
@@ -408,8 +437,11 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                 fail(str(e))
         bm = get_benchmark(benchmark, subset)
         cases = load_benchmark(benchmark, data, n, offset, subset=subset)
-        loaded = _load(model, device, dtype)
-        evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
+        device = launch.device(device)
+        group.enter_context(launch.group(device))
+        with launch.main_first():                      # a GGUF is converted once, by the main process
+            loaded = _load(model, device, dtype, say, device_map)
+            evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
         extra = None
         if generation:
             from functools import partial
@@ -417,7 +449,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             from kedit.evaluation.fluency import generation_metrics
             extra = partial(generation_metrics, loaded, max_new_tokens=gen_tokens, seed=seed, reference=ref_data,
                             **bm.fluency)
-        ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
+        ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=launch.main, log=say)
         if resume:
             from kedit.config import resolve_params
             from kedit.methods.registry import get_method
@@ -433,6 +465,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
     method = meth.name                      # the canonical name, whatever spelling was typed
     if resume:
         run_dir = Path(resume)
+    elif not launch.main:
+        run_dir = None
     else:
         config = resolved_config(loaded, meth, source, cases_file=data or bm.file, cases=cases,
                                  sequential=sequential, batch_size=batch_size,
@@ -441,21 +475,32 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                            "sequential": sequential, "checkpoint_every": checkpoint_every,
                            "generation": generation, "gen_tokens": gen_tokens,
                            "reference": str(reference) if reference else None,
-                           "data": data, "note": bm.note, "fluency": bm.fluency or None,
+                           "data": data, "note": bm.note, "fluency": bm.fluency or None, "device_map": device_map,
                            "evaluation": {"mode": eval_mode, "cost": cost, "chat_template": chat_template,
                                           "ppl_tokens": ppl_tokens, "judge": str(judge) if judge else None}}
         run_id = new_run_id(f"bench-{bm.label.replace('/', '-')}-{method}", loaded.name, config)
         run_dir = Path(out) / unique_run_id(Path(out), run_id)
         run_dir.mkdir(parents=True)
         save_bench_config(run_dir, config)
-    _say(f"{bm.note}; {len(cases)} cases -> {run_dir}")
+    run_dir = launch.share(run_dir)                  # the main process's directory, for every process
+    say(f"{bm.note}; {len(cases)} cases -> {run_dir}"
+        + (f" (sharded over {launch.world} processes)" if launch.sharded else ""))
     sums: dict[str, float] = {}
     count = [0]
     try:
-        meth.prepare()
+        with launch.main_first():                      # statistics and context prefixes: computed once
+            meth.prepare()
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=err) as bar:
+                      TimeRemainingColumn(), console=err, disable=not launch.main) as bar:
             task = bar.add_task("bench", total=len(cases))
+
+            label = f"bench (process 0 of {launch.world})" if launch.sharded else "bench"
+
+            def planned(done: int, mine: int) -> None:
+                if launch.sharded:   # the main process counts its own share
+                    bar.update(task, total=mine, completed=0, description=label)
+                else:
+                    bar.update(task, completed=done)
 
             def on_case(rec: dict) -> None:
                 count[0] += 1
@@ -463,17 +508,18 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                     if k in rec["post"]:
                         sums[k] = sums.get(k, 0.0) + rec["post"][k]
                 means = "  ".join(f"{k.split('_')[0]} {v / count[0]:.2f}" for k, v in sums.items())
-                bar.update(task, advance=1, description=f"bench  {means}")
-            from kedit.runs.rundir import read_results
-            bar.update(task, completed=len(read_results(run_dir / "results.jsonl")))
+                bar.update(task, advance=1, description=f"{label}  {means}")
             metrics = run_bench(meth, cases, run_dir, batch_size=batch_size, sequential=sequential,
                                 checkpoint_every=checkpoint_every, progress=on_case, extra_metrics=extra,
-                                evaluation=evaluation)
+                                evaluation=evaluation, launch=launch, planned=planned)
     except KeyboardInterrupt:
-        err.print(f"interrupted: resume with  kedit bench --resume {run_dir}")
+        if launch.main:
+            err.print(f"interrupted: resume with  kedit bench --resume {run_dir}")
         raise typer.Exit(130)
     except (BenchError, *user_errors()) as e:
         fail(str(e))
+    if metrics is None:                                # not the main process: it merged and prints
+        return
     t = Table(title=f"{bm.label}: {metrics['n']} cases, {method} on {loaded.name} (mean ± stderr)")
     for col in ("metric", "pre", "post", "n"):
         t.add_column(col, justify="right" if col == "n" else "left")

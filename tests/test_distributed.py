@@ -1,0 +1,140 @@
+"""Benchmarks over several processes: two CPU processes under torchrun (gloo) give the run
+directory one process gives, a run cut off with one process count resumes with another,
+sequential runs refuse, and only the main process prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_bench import ctrl_c_at_edit, science, tiny_bench  # noqa: F401 - tiny_bench is a fixture
+from typer.testing import CliRunner
+
+from kedit.cli import app
+from kedit.methods.locate.rome import ROME
+from kedit.runs.rundir import read_results
+from kedit.util.launch import Launch, LaunchError
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torchrun(args: list[str], *, nproc: int = 2, module: str = "kedit", timeout: int = 120):
+    """``torchrun --standalone --nproc_per_node N -m MODULE ARGS`` (CPU, one thread a process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", module, *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_run(root: Path) -> Path:
+    (run,) = [p for p in root.iterdir() if p.is_dir()]
+    return run
+
+
+def test_two_processes_write_the_run_one_process_writes(tiny_bench):
+    args, tmp = tiny_bench
+    res = runner.invoke(app, [*args, "--out", str(tmp / "one")])
+    assert res.exit_code == 0, res.output
+    want = one_run(tmp / "one")
+
+    proc = torchrun([*args, "--out", str(tmp / "two")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = one_run(tmp / "two")
+    assert science(json.loads((run / "metrics.json").read_text())) == \
+        science(json.loads((want / "metrics.json").read_text()))
+    recs, base = read_results(run / "results.jsonl"), read_results(want / "results.jsonl")
+    assert [(r["case_id"], r["batch"]) for r in recs] == [(r["case_id"], r["batch"]) for r in base]
+    assert [r["post"] for r in recs] == [r["post"] for r in base]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.json", "results.jsonl"]
+    # only the main process prints: one results table, one "sharded" line
+    assert proc.stdout.count("counterfact: 5 cases") == 1, proc.stdout
+    assert proc.stderr.count("sharded over 2 processes") == 1
+
+
+def test_a_cut_run_resumes_with_another_process_count(tiny_bench, monkeypatch):
+    args, tmp = tiny_bench
+    res = runner.invoke(app, [*args, "--out", str(tmp / "clean")])
+    assert res.exit_code == 0, res.output
+    want = science(json.loads((one_run(tmp / "clean") / "metrics.json").read_text()))
+
+    # one process, Ctrl-C in the third edit -> two processes finish it
+    real = ctrl_c_at_edit(monkeypatch, 3)
+    assert runner.invoke(app, [*args, "--out", str(tmp / "cut1")]).exit_code == 130
+    monkeypatch.setattr(ROME, "compute", real)
+    run = one_run(tmp / "cut1")
+    proc = torchrun(["bench", "--resume", str(run)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["case_id"] for r in read_results(run / "results.jsonl")] == ["c0", "c1", "c2", "c3", "c4"]
+    assert science(json.loads((run / "metrics.json").read_text())) == want
+
+    # two processes cut off (each log holds part of its share, one torn mid-line) -> one process
+    recs = read_results(run / "results.jsonl")
+    (run / "metrics.json").unlink()
+    (run / "results.jsonl").unlink()
+    (run / "results.rank0.jsonl").write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[2]) + "\n")
+    (run / "results.rank1.jsonl").write_text(json.dumps(recs[1]) + "\n" + json.dumps(recs[3])[:40])
+    calls = []
+    monkeypatch.setattr(ROME, "compute", lambda self, requests: calls.append(requests) or real(self, requests))
+    res = runner.invoke(app, ["bench", "--resume", str(run)])
+    assert res.exit_code == 0, res.output
+    assert [r[0].case_id for r in calls] == ["c3", "c4"]          # nothing done twice
+    assert [r["case_id"] for r in read_results(run / "results.jsonl")] == ["c0", "c1", "c2", "c3", "c4"]
+    assert not list(run.glob("results.rank*"))
+    assert science(json.loads((run / "metrics.json").read_text())) == want
+
+
+def test_sequential_runs_and_bad_launch_environments_refuse(tiny_bench, monkeypatch):
+    args, _ = tiny_bench
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    res = runner.invoke(app, [*args, "--sequential"])
+    assert res.exit_code == 2 and "--sequential" in res.output and "WORLD_SIZE=2" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    monkeypatch.setenv("RANK", "two")
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "RANK='two'" in res.output
+
+
+def test_launch_reads_the_launcher_environment():
+    assert Launch.from_env({}) == Launch(0, 1, 0) and not Launch.from_env({}).sharded
+    got = Launch.from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert (got.rank, got.world, got.local_rank, got.main) == (3, 4, 1, False)
+    assert got.device("cuda") == "cuda:1" and got.device("cuda:0") == "cuda:1" and got.device("cpu") == "cpu"
+    assert Launch().device("auto") == "auto"       # alone: the usual --device rules
+    with pytest.raises(LaunchError, match="RANK=4 WORLD_SIZE=4"):
+        Launch.from_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+MAIN_FIRST = """
+import json, os, sys, time
+from kedit.util.launch import Launch
+launch = Launch.from_env()
+log = sys.argv[1]
+with launch.group("cpu"):
+    with launch.main_first():
+        with open(log, "a") as f:
+            f.write(json.dumps({"rank": launch.rank, "t": time.time()}) + "\\n")
+        if launch.main:
+            time.sleep(1.0)   # a slow cache fill: the other process must wait for it
+    print("shared:", launch.share({"dir": f"from rank {launch.rank}"})["dir"])
+"""
+
+
+def test_main_first_runs_the_main_process_alone_first(tmp_path):
+    script = tmp_path / "main_first.py"
+    script.write_text(MAIN_FIRST)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "log.jsonl")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["rank"] for r in rows] == [0, 1] and rows[1]["t"] - rows[0]["t"] >= 1.0
+    assert proc.stdout.count("shared: from rank 0") == 2
