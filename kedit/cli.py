@@ -286,7 +286,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
                                               "run to edit with (default: the newest for this model)"),
          eval_mode: str = EvalOpt, cost: bool = CostOpt, chat_template: bool = ChatOpt,
          ppl_tokens: int = PplTokensOpt, judge: Optional[Path] = JudgeOpt,
-         device: str = DeviceOpt, dtype: str = DtypeOpt):
+         device: str = DeviceOpt, dtype: str = DtypeOpt, device_map: Optional[str] = DeviceMapOpt):
     """Edit a model, measure every case before and after, write runs/<id>/."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -300,7 +300,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
     evaluation_options(eval_mode, cost, chat_template, ppl_tokens, judge)
     try:
         case_list = load_cases(cases, fmt)
-        loaded = _load(model, device, dtype)
+        loaded = _load(model, device, dtype, device_map=device_map)
         evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
         overrides = {**parse_sets(set_), **({"editor": editor} if editor else {})}

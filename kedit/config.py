@@ -226,6 +226,10 @@ def check_layers(params: Any, adapter: Any, source: str, overridden: set[str] = 
         if bad:
             where = "--set" if name in overridden else source
             raise ConfigError(f"{where}: '{name}': layer {bad[0]} out of range, the model has {n} layers (0..{n - 1})")
+        offloaded = [v for v in values if isinstance(v, int) and adapter.offloaded(v)]
+        if offloaded:
+            raise ConfigError(f"'{name}': layer {offloaded[0]} is offloaded by the device map (its weights are loaded "
+                              f"only for each call) and cannot be edited: put it on a device in --device-map")
 
 
 def default_hparams_file(method: str, model_name: str, family: str) -> Path | None:
