@@ -59,6 +59,19 @@ def user_errors():
     return (CasesError, ConfigError, CorpusError, ModelError, UnsupportedArchitecture)
 
 
+def refuse_launch(command: str) -> None:
+    """Commands that write one run from one process refuse a multi-process launch (one line)."""
+    from kedit.util.launch import Launch, LaunchError
+
+    try:
+        launch = Launch.from_env()
+    except LaunchError as e:
+        fail(str(e))
+    if launch.sharded:
+        fail(f"{command} runs in one process (WORLD_SIZE={launch.world}); `kedit bench` is what splits cases "
+             "over processes")
+
+
 def evaluation_options(eval_mode: str, cost: bool, chat_template: bool, ppl_tokens: int, judge) -> None:
     """Refuse option values that cannot work together, in one line, before any work."""
     from kedit.evaluation.suite import EVAL_MODES
@@ -298,6 +311,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
     at_least(1, batch_size=batch_size)
     at_least(0, gen_tokens=gen_tokens)
     evaluation_options(eval_mode, cost, chat_template, ppl_tokens, judge)
+    refuse_launch("kedit edit")
     try:
         case_list = load_cases(cases, fmt)
         loaded = _load(model, device, dtype, device_map=device_map)

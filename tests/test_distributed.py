@@ -96,6 +96,8 @@ def test_sequential_runs_and_bad_launch_environments_refuse(tiny_bench, monkeypa
     res = runner.invoke(app, [*args, "--sequential"])
     assert res.exit_code == 2 and "--sequential" in res.output and "WORLD_SIZE=2" in res.output
     assert len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["edit", "cases.jsonl", "--model", "m"])      # one run from one process
+    assert res.exit_code == 2 and "kedit edit runs in one process (WORLD_SIZE=2)" in res.output
     monkeypatch.setenv("RANK", "two")
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "RANK='two'" in res.output
