@@ -1,6 +1,6 @@
 """Benchmarks over several processes: two CPU processes under torchrun (gloo) give the run
-directory one process gives, a run cut off with one process count resumes with another,
-sequential runs refuse, and only the main process prints."""
+directory one process gives, a run cut off (Ctrl-C, a killed launch) with one process
+count resumes with another, sequential runs refuse, and only the main process prints."""
 
 from __future__ import annotations
 
@@ -23,12 +23,14 @@ runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def torchrun(args: list[str], *, nproc: int = 2, module: str = "kedit", timeout: int = 120):
-    """``torchrun --standalone --nproc_per_node N -m MODULE ARGS`` (CPU, one thread a process)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+def torchrun(args: list[str], *, nproc: int = 2, script: str | None = None, timeout: int = 120, **env_extra):
+    """``torchrun --standalone --nproc_per_node N -m kedit ARGS`` (or ``SCRIPT ARGS``; CPU, one
+    thread a process)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env_extra,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    target = [script] if script else ["-m", "kedit"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc_per_node={nproc}", "-m", module, *args],
+                           f"--nproc_per_node={nproc}", *target, *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -57,33 +59,44 @@ def test_two_processes_write_the_run_one_process_writes(tiny_bench):
     assert proc.stderr.count("sharded over 2 processes") == 1
 
 
-def test_a_cut_run_resumes_with_another_process_count(tiny_bench, monkeypatch):
+def test_cut_runs_resume_with_another_process_count(tiny_bench, monkeypatch):
+    """One process cut -> two processes resume it and are killed in turn -> one process
+    finishes it; then two process logs, one torn mid-line -> one process finishes it."""
     args, tmp = tiny_bench
     res = runner.invoke(app, [*args, "--out", str(tmp / "clean")])
     assert res.exit_code == 0, res.output
     want = science(json.loads((one_run(tmp / "clean") / "metrics.json").read_text()))
 
-    # one process, Ctrl-C in the third edit -> two processes finish it
-    real = ctrl_c_at_edit(monkeypatch, 3)
-    assert runner.invoke(app, [*args, "--out", str(tmp / "cut1")]).exit_code == 130
+    real = ctrl_c_at_edit(monkeypatch, 3)                       # one process, Ctrl-C in the third edit
+    assert runner.invoke(app, [*args, "--out", str(tmp / "cut")]).exit_code == 130
     monkeypatch.setattr(ROME, "compute", real)
-    run = one_run(tmp / "cut1")
-    proc = torchrun(["bench", "--resume", str(run)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["case_id"] for r in read_results(run / "results.jsonl")] == ["c0", "c1", "c2", "c3", "c4"]
+    run = one_run(tmp / "cut")
+    assert [r["case_id"] for r in read_results(run / "results.jsonl")] == ["c0", "c1"]
+    # two processes resume it (rank 0: c2, c4; rank 1: c3); rank 1 is cut in its first edit and
+    # torchrun stops rank 0 wherever it is
+    proc = torchrun(["bench", "--resume", str(run)], script=str(Path(__file__).with_name("cut_rank.py")),
+                    CUT_RANK="1", CUT_AT="1")
+    assert proc.returncode != 0 and not (run / "metrics.json").exists()
+    logged = {r["case_id"] for f in run.glob("results*.jsonl") for r in read_results(f)}
+    assert {"c0", "c1"} <= logged and "c3" not in logged
+    calls = []
+    monkeypatch.setattr(ROME, "compute", lambda self, requests: calls.append(requests[0].case_id) or real(self, requests))
+    res = runner.invoke(app, ["bench", "--resume", str(run)])   # one process finishes it
+    assert res.exit_code == 0, res.output
+    assert sorted(calls) == sorted({"c0", "c1", "c2", "c3", "c4"} - logged)   # each missing case once
+    recs = read_results(run / "results.jsonl")
+    assert [r["case_id"] for r in recs] == ["c0", "c1", "c2", "c3", "c4"] and not list(run.glob("results.rank*"))
     assert science(json.loads((run / "metrics.json").read_text())) == want
 
-    # two processes cut off (each log holds part of its share, one torn mid-line) -> one process
-    recs = read_results(run / "results.jsonl")
+    # two process logs left as a kill leaves them, one torn mid-line -> one process
     (run / "metrics.json").unlink()
     (run / "results.jsonl").unlink()
     (run / "results.rank0.jsonl").write_text(json.dumps(recs[0]) + "\n" + json.dumps(recs[2]) + "\n")
     (run / "results.rank1.jsonl").write_text(json.dumps(recs[1]) + "\n" + json.dumps(recs[3])[:40])
-    calls = []
-    monkeypatch.setattr(ROME, "compute", lambda self, requests: calls.append(requests) or real(self, requests))
+    calls.clear()
     res = runner.invoke(app, ["bench", "--resume", str(run)])
     assert res.exit_code == 0, res.output
-    assert [r[0].case_id for r in calls] == ["c3", "c4"]          # nothing done twice
+    assert calls == ["c3", "c4"]                                  # nothing done twice
     assert [r["case_id"] for r in read_results(run / "results.jsonl")] == ["c0", "c1", "c2", "c3", "c4"]
     assert not list(run.glob("results.rank*"))
     assert science(json.loads((run / "metrics.json").read_text())) == want

@@ -17,8 +17,13 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+
+#: How long a process waits at a barrier: the others may be computing layer statistics
+#: (hours for a large model and corpus) or finishing a bigger share of the cases.
+WAIT = timedelta(hours=24)
 
 
 class LaunchError(ValueError):
@@ -79,7 +84,7 @@ class Launch:
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world,
+        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world, timeout=WAIT,
                                 **({"device_id": torch.device(device)} if cuda else {}))
         try:
             yield self
