@@ -394,8 +394,9 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
 
 def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, sequential, checkpoint_every,
            generation, gen_tokens, reference, hparams, set_, data, editor, eval_mode, cost, chat_template,
-           ppl_tokens, judge, out, resume, seed, stats_dir, device, dtype, device_map):
-    """The body of ``kedit bench``; ``group`` holds the process group until the command ends."""
+           ppl_tokens, judge, out, resume, seed, stats_dir, device, dtype, device_map, run_name=None):
+    """The body of ``kedit bench``; ``group`` holds the process group until the command ends.
+    ``run_name``: the run directory's name under ``out`` (a sweep's point) instead of a new id."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from kedit.runs.bench import BenchError, get_benchmark, load_bench_config, load_benchmark, run_bench, save_bench_config
@@ -493,7 +494,7 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
                            "evaluation": {"mode": eval_mode, "cost": cost, "chat_template": chat_template,
                                           "ppl_tokens": ppl_tokens, "judge": str(judge) if judge else None}}
         run_id = new_run_id(f"bench-{bm.label.replace('/', '-')}-{method}", loaded.name, config)
-        run_dir = Path(out) / unique_run_id(Path(out), run_id)
+        run_dir = Path(out) / (run_name or unique_run_id(Path(out), run_id))
         run_dir.mkdir(parents=True)
         save_bench_config(run_dir, config)
     run_dir = launch.share(run_dir)                  # the main process's directory, for every process
@@ -554,6 +555,94 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
         if split:
             console.print("evaluation by part (pre + post): " + ", ".join(f"{k} {v:.0f} s" for k, v in split.items()))
     console.print(f"run: [bold]{run_dir}[/bold]  ({bm.note})")
+
+
+@app.command()
+def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zsre | knowedit | portability"),
+          methods: list[str] = typer.Option(None, "--method", help="a method to sweep (repeatable)"),
+          grid: list[str] = typer.Option(None, "--grid", help="an axis: key=v1,v2 (every method that has key) or "
+                                         "method.key=v1,v2 (repeatable)"),
+          subset: Optional[str] = typer.Option(None, "--subset", help="knowedit / portability subset"),
+          model: str = ModelOpt,
+          n: Optional[int] = typer.Option(None, "-n", help="number of cases"),
+          offset: int = typer.Option(0, "--offset", help="first case"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="cases per method call"),
+          data: Optional[str] = typer.Option(None, "--data", help="another file of the benchmark"),
+          out: Path = typer.Option(Path("sweeps"), "--out", help="where sweep directories go"),
+          resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted sweep"),
+          seed: int = typer.Option(0, "--seed"),
+          stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
+          device: str = DeviceOpt, dtype: str = DtypeOpt):
+    """A grid over methods × hyperparameter values, each point a bench run (split over processes like one);
+    resumable with --resume SWEEP_DIR."""
+    from contextlib import ExitStack
+
+    from kedit.methods.registry import get_method
+    from kedit.runs.bench import BenchError, get_benchmark
+    from kedit.runs.rundir import new_run_id, unique_run_id
+    from kedit.runs.sweep import (SweepError, TABLE, grid_points, hyperparameter_names, load_spec, parse_grid,
+                                  point_state, save_spec, write_summary)
+    from kedit.util.launch import Launch, LaunchError
+
+    try:
+        launch = Launch.from_env()
+        if resume:
+            spec = load_spec(resume)
+            sweep_dir = Path(resume)
+        else:
+            if benchmark is None or not methods:
+                fail("give a benchmark and at least one --method (or --resume SWEEP_DIR)")
+            at_least(1, n=n, batch_size=batch_size)
+            at_least(0, offset=offset)
+            bm = get_benchmark(benchmark, subset)
+            classes = [get_method(m) for m in methods]
+            names = [c.name for c in classes]
+            axes = parse_grid(list(grid or []), names, {c.name: hyperparameter_names(c) for c in classes})
+            spec = {"benchmark": benchmark, "subset": subset, "methods": names, "grid": axes,
+                    "bench": {"model": model, "n": n, "offset": offset, "batch_size": batch_size, "data": data,
+                              "seed": seed, "stats_dir": stats_dir, "device": device, "dtype": dtype},
+                    "command": " ".join(["kedit", *sys.argv[1:]])}
+            sweep_dir = None
+            if launch.main:
+                root = Path(out)
+                sweep_dir = root / unique_run_id(root, new_run_id(f"sweep-{bm.label.replace('/', '-')}", model, spec))
+                sweep_dir.mkdir(parents=True)
+                save_spec(sweep_dir, spec)
+    except KeyError as e:
+        fail(str(e.args[0]))
+    except (SweepError, BenchError, LaunchError) as e:
+        fail(str(e))
+    points = grid_points(spec["methods"], spec["grid"])
+    say = _say if launch.main else _quiet
+    b = spec["bench"]
+    with ExitStack() as group:
+        group.enter_context(launch.group(launch.device(b["device"])))
+        sweep_dir = launch.share(sweep_dir)
+        say(f"sweep {sweep_dir}: {len(points)} points")
+        for p in points:
+            state = launch.share(point_state(sweep_dir, p))     # as the main process sees it
+            if state == "done":
+                say(f"point {p.index}/{len(points)} {p.name}: done")
+                continue
+            say(f"point {p.index}/{len(points)} {p.name}" + (" (resumed)" if state == "partial" else ""))
+            try:
+                _bench(group, benchmark=spec["benchmark"], subset=spec["subset"], method=p.method, model=b["model"],
+                       n=b["n"], offset=b["offset"], batch_size=b["batch_size"], sequential=False,
+                       checkpoint_every=None, generation=False, gen_tokens=100, reference=None, hparams=None,
+                       set_=p.sets(), data=b["data"], editor=None, eval_mode="teacher", cost=False,
+                       chat_template=False, ppl_tokens=20000, judge=None, out=sweep_dir,
+                       resume=sweep_dir / p.name if state == "partial" else None, seed=b["seed"],
+                       stats_dir=b["stats_dir"], device=b["device"], dtype=b["dtype"], device_map=None,
+                       run_name=p.name)
+            except typer.Exit as e:
+                if e.exit_code == 130 and launch.main:
+                    err.print(f"interrupted: resume the sweep with  kedit sweep --resume {sweep_dir}")
+                raise
+    if not launch.main:
+        return
+    table = write_summary(sweep_dir, points)
+    console.print(table, highlight=False, markup=False)
+    console.print(f"sweep: [bold]{sweep_dir}[/bold]  ({TABLE}; each point a bench run directory)")
 
 
 # --------------------------------------------------------------------------- compare-gen, apply, runs, report
