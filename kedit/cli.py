@@ -213,6 +213,7 @@ def stats(model: str = ModelOpt,
           max_length: int = typer.Option(1024, "--max-length", help="tokens per text (truncated)"),
           device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Second moments E(k kᵀ) of MLP keys per layer, computed in one pass and cached."""
+    refuse_launch("kedit stats")
     from kedit.methods.core.stats import get_stats, stats_report
 
     at_least(1, samples=samples, max_length=max_length)
@@ -899,6 +900,7 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
           seed: int = typer.Option(0, "--seed"),
           device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Train an editor (MEND, SERAC) for a model: a run directory with the curve, checkpoints and the editor."""
+    refuse_launch("kedit train")
     import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -111,6 +111,8 @@ def test_sequential_runs_and_bad_launch_environments_refuse(tiny_bench, monkeypa
     assert len(res.output.strip().splitlines()) == 1
     res = runner.invoke(app, ["edit", "cases.jsonl", "--model", "m"])      # one run from one process
     assert res.exit_code == 2 and "kedit edit runs in one process (WORLD_SIZE=2)" in res.output
+    res = runner.invoke(app, ["stats", "--model", "m"])
+    assert res.exit_code == 2 and "kedit stats runs in one process" in res.output
     monkeypatch.setenv("RANK", "two")
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "RANK='two'" in res.output
