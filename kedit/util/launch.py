@@ -81,11 +81,16 @@ class Launch:
         if not self.sharded or dist.is_initialized():
             yield self
             return
+        import inspect
+
         cuda = torch.device(device).type == "cuda"
+        bind = {}
         if cuda:
             torch.cuda.set_device(torch.device(device))
+            if "device_id" in inspect.signature(dist.init_process_group).parameters:   # torch >= 2.3
+                bind["device_id"] = torch.device(device)
         dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world, timeout=WAIT,
-                                **({"device_id": torch.device(device)} if cuda else {}))
+                                **bind)
         try:
             yield self
         finally:
