@@ -20,9 +20,9 @@ evaluation).  FLOPs are counted with ``torch.utils.flop_counter`` on a second, u
 of the same work (matmuls and attention, forward and backward; the float64 solves are not
 counted); printed per optimisation step (ROME, MEMIT: edit FLOPs / gradient steps) and per
 token (statistics), with the share of the GPU's bfloat16 dense peak (known for
-A100/H100/H200/L40S by name, else ``--peak-tflops``).  Random weights do not let the
-target optimisation stop early: every edit runs all its steps, an upper bound of a trained
-model's time.  Needs CUDA; on a machine without it, says so in one line and exits 2.
+A100/H100/H200/L40S by name, else ``--peak-tflops``).  Random weights seldom reach the
+target optimisation's early-stopping loss: an edit runs (nearly) all its steps, about the
+upper bound of a trained model's time; each row gives the steps that ran.  Needs CUDA; on a machine without it, says so in one line and exits 2.
 """
 
 from __future__ import annotations
