@@ -89,13 +89,13 @@ def evaluation_options(eval_mode: str, cost: bool, chat_template: bool, ppl_toke
 
 
 def make_evaluation(loaded, eval_mode: str, cost: bool, chat_template: bool, ppl_tokens: int, judge,
-                    device: str, dtype: str):
+                    device: str, dtype: str, say=None):
     """The :class:`~kedit.evaluation.suite.Evaluation` the options ask for (the judge loaded)."""
     from kedit.evaluation.suite import Evaluation
 
     if chat_template and not getattr(loaded.tokenizer, "chat_template", None):
         fail(f"--chat-template: the tokenizer of {loaded.name} has no chat template")
-    judge_model = _load(str(judge), device, dtype) if judge else None
+    judge_model = _load(str(judge), device, dtype, say or _say) if judge else None
     return Evaluation.from_options(eval_mode, cost=cost, chat_template=chat_template, ppl_tokens=ppl_tokens,
                                    judge=judge_model)
 
@@ -457,7 +457,8 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
         group.enter_context(launch.group(device))
         with launch.main_first():                      # a GGUF is converted once, by the main process
             loaded = _load(model, device, dtype, say, device_map)
-            evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
+            evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype,
+                                         say)
         extra = None
         if generation:
             from functools import partial
