@@ -190,7 +190,7 @@ def load_checkpoint(run_dir: Path) -> tuple[int, SiteStates, dict[str, torch.Ten
 
 def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
                     checkpoint_every: int | None, progress: Callable[[dict], None] | None, extra_metrics,
-                    evaluation=None) -> dict:
+                    evaluation=None, planned: Callable[[int, int], None] | None = None) -> dict:
     log, curve_log = run_dir / "results.jsonl", run_dir / CURVE
     saved = load_checkpoint(run_dir)
     resume = None
@@ -205,6 +205,8 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
     write_text(curve_log, "".join(json.dumps(p) + "\n" for p in curve))
 
     edits = [len(resume.records) if resume else 0]
+    if planned:
+        planned(edits[0], len(cases) - edits[0])
 
     def on_batch(recs: list[dict], sites: SiteStates) -> None:
         for rec in recs:
@@ -258,7 +260,8 @@ def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: i
         if launch.sharded:
             raise BenchError(f"--sequential: edits accumulate in one model and cannot be split over "
                              f"{launch.world} processes (run it with one process)")
-        return _run_sequential(method, cases, run_dir, size, checkpoint_every, progress, extra_metrics, evaluation)
+        return _run_sequential(method, cases, run_dir, size, checkpoint_every, progress, extra_metrics, evaluation,
+                               planned)
     if checkpoint_every:
         raise BenchError("--checkpoint-every needs --sequential (independent edits have no accumulated state)")
     if launch.main:
