@@ -74,3 +74,21 @@ def test_offloaded_layer_and_bad_maps_are_refused(models):
                               "--device-map", str(tmp / "bad.json"), "--out", str(tmp / "runs")])
     assert res.exit_code == 2 and "expected a JSON object" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_bench_with_a_device_map_scores_as_without(models):
+    _, _, tmp = models
+    data = tmp / "cases.jsonl"
+    data.write_text("".join(json.dumps(c.to_dict()) + "\n" for c in CASES))
+    hp = tmp / "rome.yaml"
+    hp.write_text(json.dumps({**COMMON, "layer": 1, "mom2_adjustment": False}))
+    base = ["bench", "counterfact", "--data", str(data), "--model", str(tmp / "tiny-llama"), "--hparams", str(hp)]
+    got = {}
+    for name, extra in (("plain", ["--device", "cpu"]), ("spread", ["--device-map", str(tmp / "map.json")])):
+        res = runner.invoke(app, [*base, *extra, "--out", str(tmp / name)])
+        assert res.exit_code == 0, res.output
+        (run,) = list((tmp / name).iterdir())
+        got[name] = {k: v for k, v in json.loads((run / "metrics.json").read_text()).items() if k != "time"}
+        if name == "spread":
+            assert "model.layers.0: disk" in (run / "config.yaml").read_text()
+    assert got["plain"] == got["spread"]
