@@ -53,6 +53,8 @@ app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="model name (kedit models), HF directory, .gguf file or hub id")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
+DeviceMapOpt = typer.Option(None, "--device-map", help="spread the model over devices: auto | balanced | a JSON "
+                            "file {module: device} (accelerate's device_map); replaces --device")
 # kedit.data.cases.FORMATS, written out so that --help does not import the data layer
 FORMAT_HELP = "cases layout: auto | kedit | easyedit | rome | zsre | knowedit | wikibio"
 EvalOpt = typer.Option("teacher", "--eval", help="teacher (teacher-forced metrics) | generate (scores of greedy "
@@ -110,6 +112,19 @@ def writable(**paths: Path | str | None) -> None:
                 fail(str(e))
 
 
+def refuse_launch(command: str) -> None:
+    """Commands that write one run from one process refuse a multi-process launch (one line)."""
+    from kedit.util.launch import Launch, LaunchError
+
+    try:
+        launch = Launch.from_env()
+    except LaunchError as e:
+        fail(str(e))
+    if launch.sharded:
+        fail(f"{command} runs in one process (WORLD_SIZE={launch.world}); `kedit bench` is what splits cases "
+             "over processes")
+
+
 def evaluation_options(eval_mode: str, cost: bool, chat_template: bool, ppl_tokens: int, judge) -> None:
     """Refuse option values that cannot work together, in one line, before any work."""
     from kedit.evaluation.suite import EVAL_MODES
@@ -127,7 +142,7 @@ def evaluation_options(eval_mode: str, cost: bool, chat_template: bool, ppl_toke
 
 
 def make_evaluation(loaded, eval_mode: str, cost: bool, chat_template: bool, ppl_tokens: int, judge,
-                    device: str, dtype: str):
+                    device: str, dtype: str, say=None):
     """The :class:`~kedit.evaluation.suite.Evaluation` the options ask for (the judge loaded)."""
     from kedit.evaluation.suite import Evaluation
 
@@ -136,7 +151,7 @@ def make_evaluation(loaded, eval_mode: str, cost: bool, chat_template: bool, ppl
     from kedit.models.load import ModelError
 
     try:
-        judge_model = _load(str(judge), device, dtype) if judge else None
+        judge_model = _load(str(judge), device, dtype, say or _say) if judge else None
     except ModelError as e:                   # the judge is loaded as a model: name its own option
         fail(str(e).replace(f"--model {judge}", f"--judge {judge}", 1))
     return Evaluation.from_options(eval_mode, cost=cost, chat_template=chat_template, ppl_tokens=ppl_tokens,
@@ -147,10 +162,14 @@ def _say(msg: str) -> None:
     err.print(f"[dim]{msg}[/dim]", highlight=False)
 
 
-def _load(model: str, device: str, dtype: str):
+def _quiet(msg: str) -> None:
+    """What processes other than the main one say (nothing: only the main process prints)."""
+
+
+def _load(model: str, device: str, dtype: str, say=_say, device_map: str | None = None):
     from kedit.models.load import load_model
 
-    return load_model(model, device=device, dtype=dtype, progress=_say)
+    return load_model(model, device=device, dtype=dtype, progress=say, device_map=device_map)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -257,6 +276,7 @@ def stats(model: str = ModelOpt,
           max_length: int = typer.Option(1024, "--max-length", help="tokens per text (truncated)"),
           device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Second moments E(k kᵀ) of MLP keys per layer, computed in one pass and cached."""
+    refuse_launch("kedit stats")
     from kedit.config import check_layer_list
     from kedit.methods.core.stats import get_stats, stats_report
 
@@ -342,7 +362,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
                                               "run to edit with (default: the newest for this model)"),
          eval_mode: str = EvalOpt, cost: bool = CostOpt, chat_template: bool = ChatOpt,
          ppl_tokens: int = PplTokensOpt, judge: Optional[Path] = JudgeOpt,
-         device: str = DeviceOpt, dtype: str = DtypeOpt):
+         device: str = DeviceOpt, dtype: str = DtypeOpt, device_map: Optional[str] = DeviceMapOpt):
     """Edit a model, measure every case before and after, write runs/<id>/."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -356,9 +376,10 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
     seed_range(seed)
     evaluation_options(eval_mode, cost, chat_template, ppl_tokens, judge)
     writable(out=out, stats_dir=stats_dir)
+    refuse_launch("kedit edit")
     try:
         case_list = load_cases(cases, fmt)
-        loaded = _load(model, device, dtype)
+        loaded = _load(model, device, dtype, device_map=device_map)
         loaded.check_new_tokens(gen_tokens, "--gen-tokens")
         evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
@@ -426,15 +447,33 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted bench run"),
           seed: int = typer.Option(0, "--seed"),
           stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
-          device: str = DeviceOpt, dtype: str = DtypeOpt):
+          device: str = DeviceOpt, dtype: str = DtypeOpt, device_map: Optional[str] = DeviceMapOpt):
     """Benchmark a method on CounterFact, zsRE, KnowEdit or the portability sets; resumable with --resume RUN_DIR."""
+    args = dict(locals())
+    from contextlib import ExitStack
+
+    with ExitStack() as group:           # the process group, when launched with several processes
+        _bench(group, **args)
+
+
+def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, sequential, checkpoint_every,
+           generation, gen_tokens, reference, hparams, set_, data, editor, eval_mode, cost, chat_template,
+           ppl_tokens, judge, out, resume, seed, stats_dir, device, dtype, device_map, run_name=None):
+    """The body of ``kedit bench``; ``group`` holds the process group until the command ends.
+    ``run_name``: the run directory's name under ``out`` (a sweep's point) instead of a new id."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from kedit.runs.bench import BenchError, get_benchmark, load_bench_config, load_benchmark, new_bench_dir, run_bench
     from kedit.runs.experiment import make_method, resolved_config
     from kedit.methods.base import RunContext
     from kedit.runs.rundir import new_run_id
+    from kedit.util.launch import Launch, LaunchError
 
+    try:
+        launch = Launch.from_env()
+    except LaunchError as e:
+        fail(str(e))
+    say = _say if launch.main else _quiet
     try:
         if resume:
             cfg = load_bench_config(resume)
@@ -446,6 +485,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             gen_tokens, reference = b.get("gen_tokens", 100), b.get("reference")
             method, model, seed = cfg["method"], cfg["model"]["name"], cfg["seed"]
             device, dtype, stats_dir = cfg["model"]["device"], cfg["model"]["dtype"], cfg["stats_dir"]
+            device_map = b.get("device_map")
             overrides, hparams = cfg["hparams"], None
             ev_cfg = b.get("evaluation") or {}
             eval_mode, cost = ev_cfg.get("mode", "teacher"), ev_cfg.get("cost", False)
@@ -462,6 +502,11 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         writable(**({"resume": resume} if resume else {"out": out}), stats_dir=stats_dir)
         if checkpoint_every is not None and not sequential:
             fail("--checkpoint-every needs --sequential")
+        if sequential and launch.sharded:
+            fail(f"--sequential: edits accumulate in one model and cannot be split over {launch.world} processes "
+                 f"(WORLD_SIZE={launch.world}); run it with one process")
+        if device_map is not None and launch.sharded:
+            fail(f"--device-map: one model spread over devices is one process's; not with WORLD_SIZE={launch.world}")
         if (reference or gen_tokens != 100) and not generation:
             fail("--reference and --gen-tokens go with --generation")
         ref_data = None
@@ -473,10 +518,14 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                 fail(str(e))
         bm = get_benchmark(benchmark, subset)
         cases = load_benchmark(benchmark, data, n, offset, subset=subset)
-        loaded = _load(model, device, dtype)
-        if generation:
-            loaded.check_new_tokens(gen_tokens, "--gen-tokens")
-        evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype)
+        device = launch.device(device)
+        group.enter_context(launch.group(device))
+        with launch.main_first():                      # a GGUF is converted once, by the main process
+            loaded = _load(model, device, dtype, say, device_map)
+            if generation:
+                loaded.check_new_tokens(gen_tokens, "--gen-tokens")
+            evaluation = make_evaluation(loaded, eval_mode, cost, chat_template, ppl_tokens, judge, device, dtype,
+                                         say)
         extra = None
         if generation:
             from functools import partial
@@ -484,14 +533,15 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
             from kedit.evaluation.fluency import generation_metrics
             extra = partial(generation_metrics, loaded, max_new_tokens=gen_tokens, seed=seed, reference=ref_data,
                             **bm.fluency)
-        ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=True, log=_say)
+        ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=launch.main, log=say)
         meth, source = make_method(loaded, method, cfg["hparams_source"] if resume else str(hparams) if hparams else None,
                                    overrides, ctx)
     except (BenchError, *user_errors()) as e:
         fail(str(e))
     method = meth.name                      # the canonical name, whatever spelling was typed
     try:
-        meth.prepare()                      # statistics, an editor: a failure here leaves no run directory
+        with launch.main_first():           # statistics and context prefixes: computed once, by the main process
+            meth.prepare()                  # (an editor, statistics: a failure here leaves no run directory)
     except user_errors() as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -500,6 +550,8 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         raise typer.Exit(130)
     if resume:
         run_dir = Path(resume)
+    elif not launch.main:
+        run_dir = None
     else:
         config = resolved_config(loaded, meth, source, cases_file=data or bm.file, cases=cases,
                                  sequential=sequential, batch_size=batch_size,
@@ -508,21 +560,31 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                            "sequential": sequential, "checkpoint_every": checkpoint_every,
                            "generation": generation, "gen_tokens": gen_tokens,
                            "reference": str(reference) if reference else None,
-                           "data": data, "note": bm.note, "fluency": bm.fluency or None,
+                           "data": data, "note": bm.note, "fluency": bm.fluency or None, "device_map": device_map,
                            "evaluation": {"mode": eval_mode, "cost": cost, "chat_template": chat_template,
                                           "ppl_tokens": ppl_tokens, "judge": str(judge) if judge else None}}
         run_id = new_run_id(f"bench-{bm.label.replace('/', '-')}-{method}", loaded.name, config)
         try:
-            run_dir = new_bench_dir(out, run_id, config)
+            run_dir = new_bench_dir(out, run_name or run_id, config)
         except user_errors() as e:
             fail(str(e))
-    _say(f"{bm.note}; {len(cases)} cases -> {run_dir}")
+    run_dir = launch.share(run_dir)                  # the main process's directory, for every process
+    say(f"{bm.note}; {len(cases)} cases -> {run_dir}"
+        + (f" (sharded over {launch.world} processes)" if launch.sharded else ""))
     sums: dict[str, float] = {}
     count = [0]
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=err) as bar:
+                      TimeRemainingColumn(), console=err, disable=not launch.main) as bar:
             task = bar.add_task("bench", total=len(cases))
+
+            label = f"bench (process 0 of {launch.world})" if launch.sharded else "bench"
+
+            def planned(done: int, mine: int) -> None:
+                if launch.sharded:   # the main process counts its own share
+                    bar.update(task, total=mine, completed=0, description=label)
+                else:
+                    bar.update(task, completed=done)
 
             def on_case(rec: dict) -> None:
                 count[0] += 1
@@ -530,17 +592,18 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                     if k in rec["post"]:
                         sums[k] = sums.get(k, 0.0) + rec["post"][k]
                 means = "  ".join(f"{k.split('_')[0]} {v / count[0]:.2f}" for k, v in sums.items())
-                bar.update(task, advance=1, description=f"bench  {means}")
-            from kedit.runs.rundir import read_results
-            bar.update(task, completed=len(read_results(run_dir / "results.jsonl")))
+                bar.update(task, advance=1, description=f"{label}  {means}")
             metrics = run_bench(meth, cases, run_dir, batch_size=batch_size, sequential=sequential,
                                 checkpoint_every=checkpoint_every, progress=on_case, extra_metrics=extra,
-                                evaluation=evaluation)
+                                evaluation=evaluation, launch=launch, planned=planned)
     except KeyboardInterrupt:
-        err.print(f"interrupted: resume with  kedit bench --resume {run_dir}")
+        if launch.main:
+            err.print(f"interrupted: resume with  kedit bench --resume {run_dir}")
         raise typer.Exit(130)
     except (BenchError, *user_errors()) as e:
         fail(str(e))
+    if metrics is None:                                # not the main process: it merged and prints
+        return
     t = Table(title=f"{bm.label}: {metrics['n']} cases, {method} on {loaded.name} (mean ± stderr)")
     for col in ("metric", "pre", "post", "n"):
         t.add_column(col, justify="right" if col == "n" else "left")
@@ -561,6 +624,94 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         if split:
             console.print("evaluation by part (pre + post): " + ", ".join(f"{k} {v:.0f} s" for k, v in split.items()))
     console.print(f"run: [bold]{run_dir}[/bold]  ({bm.note})")
+
+
+@app.command()
+def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zsre | knowedit | portability"),
+          methods: list[str] = typer.Option(None, "--method", help="a method to sweep (repeatable)"),
+          grid: list[str] = typer.Option(None, "--grid", help="an axis: key=v1,v2 (every method that has key) or "
+                                         "method.key=v1,v2 (repeatable)"),
+          subset: Optional[str] = typer.Option(None, "--subset", help="knowedit / portability subset"),
+          model: str = ModelOpt,
+          n: Optional[int] = typer.Option(None, "-n", help="number of cases"),
+          offset: int = typer.Option(0, "--offset", help="first case"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="cases per method call"),
+          data: Optional[str] = typer.Option(None, "--data", help="another file of the benchmark"),
+          out: Path = typer.Option(Path("sweeps"), "--out", help="where sweep directories go"),
+          resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted sweep"),
+          seed: int = typer.Option(0, "--seed"),
+          stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
+          device: str = DeviceOpt, dtype: str = DtypeOpt):
+    """A grid over methods × hyperparameter values, each point a bench run (split over processes like one);
+    resumable with --resume SWEEP_DIR."""
+    from contextlib import ExitStack
+
+    from kedit.methods.registry import get_method
+    from kedit.runs.bench import BenchError, get_benchmark
+    from kedit.runs.rundir import new_run_id, unique_run_id
+    from kedit.runs.sweep import (SweepError, TABLE, grid_points, hyperparameter_names, load_spec, parse_grid,
+                                  point_state, save_spec, write_summary)
+    from kedit.util.launch import Launch, LaunchError
+
+    try:
+        launch = Launch.from_env()
+        if resume:
+            spec = load_spec(resume)
+            sweep_dir = Path(resume)
+        else:
+            if benchmark is None or not methods:
+                fail("give a benchmark and at least one --method (or --resume SWEEP_DIR)")
+            at_least(1, n=n, batch_size=batch_size)
+            at_least(0, offset=offset)
+            seed_range(seed)
+            writable(out=out, stats_dir=stats_dir)
+            bm = get_benchmark(benchmark, subset)
+            classes = [get_method(m) for m in methods]
+            names = [c.name for c in classes]
+            axes = parse_grid(list(grid or []), names, {c.name: hyperparameter_names(c) for c in classes})
+            spec = {"benchmark": benchmark, "subset": subset, "methods": names, "grid": axes,
+                    "bench": {"model": model, "n": n, "offset": offset, "batch_size": batch_size, "data": data,
+                              "seed": seed, "stats_dir": stats_dir, "device": device, "dtype": dtype},
+                    "command": " ".join(["kedit", *sys.argv[1:]])}
+            sweep_dir = None
+            if launch.main:
+                root = Path(out)
+                sweep_dir = root / unique_run_id(root, new_run_id(f"sweep-{bm.label.replace('/', '-')}", model, spec))
+                sweep_dir.mkdir(parents=True)
+                save_spec(sweep_dir, spec)
+    except (SweepError, BenchError, LaunchError, *user_errors()) as e:
+        fail(str(e))
+    points = grid_points(spec["methods"], spec["grid"])
+    say = _say if launch.main else _quiet
+    b = spec["bench"]
+    with ExitStack() as group:
+        group.enter_context(launch.group(launch.device(b["device"])))
+        sweep_dir = launch.share(sweep_dir)
+        say(f"sweep {sweep_dir}: {len(points)} points")
+        for p in points:
+            state = launch.share(point_state(sweep_dir, p))     # as the main process sees it
+            if state == "done":
+                say(f"point {p.index}/{len(points)} {p.name}: done")
+                continue
+            say(f"point {p.index}/{len(points)} {p.name}" + (" (resumed)" if state == "partial" else ""))
+            try:
+                _bench(group, benchmark=spec["benchmark"], subset=spec["subset"], method=p.method, model=b["model"],
+                       n=b["n"], offset=b["offset"], batch_size=b["batch_size"], sequential=False,
+                       checkpoint_every=None, generation=False, gen_tokens=100, reference=None, hparams=None,
+                       set_=p.sets(), data=b["data"], editor=None, eval_mode="teacher", cost=False,
+                       chat_template=False, ppl_tokens=20000, judge=None, out=sweep_dir,
+                       resume=sweep_dir / p.name if state == "partial" else None, seed=b["seed"],
+                       stats_dir=b["stats_dir"], device=b["device"], dtype=b["dtype"], device_map=None,
+                       run_name=p.name)
+            except typer.Exit as e:
+                if e.exit_code == 130 and launch.main:
+                    err.print(f"interrupted: resume the sweep with  kedit sweep --resume {sweep_dir}")
+                raise
+    if not launch.main:
+        return
+    table = write_summary(sweep_dir, points)
+    console.print(table, highlight=False, markup=False)
+    console.print(f"sweep: [bold]{sweep_dir}[/bold]  ({TABLE}; each point a bench run directory)")
 
 
 # --------------------------------------------------------------------------- compare-gen, apply, runs, report
@@ -822,6 +973,7 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
           seed: int = typer.Option(0, "--seed"),
           device: str = DeviceOpt, dtype: str = DtypeOpt):
     """Train an editor (MEND, SERAC) for a model: a run directory with the curve, checkpoints and the editor."""
+    refuse_launch("kedit train")
     import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn

@@ -242,6 +242,10 @@ def check_layers(params: Any, adapter: Any, source: str, overridden: set[str] = 
             last = ", or -1 for the last" if name in last_ok else ""
             raise ConfigError(f"{where}: '{name}': layer {bad[0]} out of range, the model has {n} layers "
                               f"(0..{n - 1}{last})")
+        offloaded = [v for v in values if isinstance(v, int) and v >= 0 and adapter.offloaded(v)]
+        if offloaded:
+            raise ConfigError(f"'{name}': layer {offloaded[0]} is offloaded by the device map (its weights are loaded "
+                              f"only for each call) and cannot be edited: put it on a device in --device-map")
 
 
 def default_hparams_file(method: str, model_name: str, family: str) -> Path | None:

@@ -9,7 +9,9 @@ import yaml
 from tiny import save_tiny_model_dir
 from typer.testing import CliRunner
 
-from kedit.runs.bench import BenchError, complete_records, load_benchmark
+from kedit.data.cases import EditCase
+from kedit.runs.bench import BenchError, load_benchmark
+from kedit.runs.shard import complete_records
 from kedit.cli import app
 from kedit.methods.locate.rome import ROME
 from kedit.runs.rundir import read_results
@@ -30,10 +32,13 @@ def test_shipped_benchmarks_load():
 
 
 def test_complete_records_drops_a_cut_off_batch():
+    cases = [EditCase(case_id=c, template="A fact about {}", subject=c, target_new="x") for c in "abc"]
     recs = [{"case_id": "a", "batch": 0}, {"case_id": "b", "batch": 0}, {"case_id": "c", "batch": 1}]
-    assert [r["case_id"] for r in complete_records(recs, 2)] == ["a", "b"]
-    recs[-1]["last_batch"] = True
-    assert len(complete_records(recs, 2)) == 3
+    assert [r["case_id"] for r in complete_records(recs, cases, 2)] == ["a", "b", "c"]  # c: the short last batch
+    cut = [recs[0], recs[2]]                                  # batch 0 lost b: redone
+    assert [r["case_id"] for r in complete_records(cut, cases, 2)] == ["c"]
+    # each batch once, in case order, whatever order and how many times the logs hold it
+    assert [r["case_id"] for r in complete_records([recs[2], recs[1], recs[0], recs[1]], cases, 2)] == ["a", "b", "c"]
 
 
 def science(metrics: dict) -> dict:

@@ -112,6 +112,15 @@ SMOL = "configs/methods/{}/smollm2-135m.yaml"
 
 # id, arguments, fragment of the error line, fault (or None), after_work
 ROWS = [
+    # sweep: its own options, before any sweep directory is made
+    ("sweep-no-method", ["sweep", "counterfact", *M, "--out", "{out}"], "at least one --method", None, False),
+    ("sweep-unknown-method", ["sweep", "counterfact", "--method", "nope", *M, "--out", "{out}"], "nope", None, False),
+    ("sweep-grid-key-unknown", ["sweep", "counterfact", "--method", "rome", "--grid", "nokey=1,2", *M, "--out", "{out}"],
+     "nokey", None, False),
+    ("sweep-negative-n", ["sweep", "counterfact", "--method", "rome", "-n", "-3", *M, "--out", "{out}"], "-n -3", None,
+     False),
+    ("sweep-out-is-a-file", ["sweep", "counterfact", "--method", "rome", *M, "--out", "{file}"], "--out", None, False),
+    ("sweep-resume-not-a-sweep", ["sweep", "--resume", "{run}"], "not a kedit sweep directory", None, False),
     # usage errors of click itself, any command
     ("usage-unknown-option", ["edit", "{cases}", "--methd", "rome"], "No such option: --methd", None, False),
     ("usage-not-a-number", ["bench", "counterfact", "-n", "abc"], "'-n'", None, False),

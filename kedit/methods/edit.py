@@ -241,6 +241,9 @@ class Delta(Edit):
         for name, t in self.tensors.items():
             if name not in params:
                 raise EditError(f"the edit changes '{name}', which this model does not have")
+            if params[name].device.type == "meta":
+                raise EditError(f"the edit changes '{name}', which the device map offloads (its weights are "
+                                f"loaded only for each call): put that layer on a device in --device-map")
             if tuple(params[name].shape) != tuple(t.shape):
                 raise EditError(f"the edit changes '{name}' with shape {tuple(t.shape)}; this model's is "
                                 f"{tuple(params[name].shape)}")

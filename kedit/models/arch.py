@@ -253,8 +253,38 @@ class ModelAdapter:
     # --- misc ------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's device (a model spread over devices by a
+        device map runs each block on its own device and moves activations itself)."""
+        return input_device(self.model)
+
+    def offloaded(self, layer: int) -> bool:
+        """Whether accelerate keeps the weights of ``layer``'s MLP output projection off every
+        device (on ``meta``, loaded from CPU memory or disk for each call): not editable."""
+        return any(p.device.type == "meta" for p in self.mlp_out(layer).parameters())
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device that holds (and runs) the MLP output projection of ``layer``: where an
+        edit of that layer does its math."""
+        return module_device(self.mlp_out(layer))
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device a module computes on: its weights' device; for weights offloaded by
+    accelerate (kept on the ``meta`` device, loaded at each call) the device its hook
+    runs it on."""
+    hook = getattr(module, "_hf_hook", None)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+        break
+    dev = getattr(hook, "execution_device", None)
+    return torch.device(dev) if dev is not None else torch.device("cpu")
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's input embedding (where token ids must be)."""
+    return module_device(model.get_input_embeddings())

@@ -36,6 +36,8 @@ from kedit.util.paths import configs_dir, kedit_home
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: accelerate's named placements (``--device-map``); a JSON file {module: device} is the other form
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 class ModelError(ValueError):
@@ -91,6 +93,27 @@ def resolve_dtype(dtype: str) -> torch.dtype:
         return DTYPES[dtype]
     except KeyError:
         raise ModelError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}") from None
+
+
+def resolve_device_map(spec: str | None) -> str | dict | None:
+    """``--device-map``: a name accelerate knows (:data:`DEVICE_MAPS`) or a JSON file mapping
+    module names (``named_modules()``: the embedding, each block, the final norm, the head) to
+    devices; a device is a GPU index, ``"cpu"``, ``"cuda:N"`` or ``"disk"``)."""
+    if spec is None:
+        return None
+    if spec in DEVICE_MAPS:
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise ModelError(f"--device-map {spec}: neither {' | '.join(DEVICE_MAPS)} nor a JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelError(f"--device-map {spec}: not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(k, str) and isinstance(v, (str, int)) and not isinstance(v, bool) for k, v in data.items()):
+        raise ModelError(f"--device-map {spec}: expected a JSON object {{module name: device}}")
+    return data
 
 
 def model_configs() -> dict[str, dict]:
@@ -323,17 +346,24 @@ def unreadable_model_errors() -> tuple[type[BaseException], ...]:
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "float32",
-               progress=print) -> LoadedModel:
-    """Load a model for editing: eval mode, every parameter frozen, pad token set."""
+               progress=print, device_map: str | dict | None = None) -> LoadedModel:
+    """Load a model for editing: eval mode, every parameter frozen, pad token set.
+
+    ``device_map`` (``--device-map``; then ``device`` is not used): the model's modules
+    placed over devices by accelerate (:func:`resolve_device_map`); the model's ``device``
+    is then its input embedding's, and each edit works on the device of the layer it edits.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # kedit shows its own progress; keep the terminal readable
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    dm = resolve_device_map(device_map) if not isinstance(device_map, dict) else device_map
+    dev = resolve_device(device) if dm is None else None
+    dt = resolve_dtype(dtype)
     where, fingerprint, info = resolve_model_dir(spec, progress)
     try:
         tok = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dt, **({"device_map": dm} if dm is not None else {}))
     except OSError as e:
         hint = ("" if Path(spec).expanduser().exists() else "; offline machines need a local directory, "
                 "a .gguf file or a name from 'kedit models'")
@@ -347,7 +377,11 @@ def load_model(spec: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "fl
             hashlib.sha256((spec + model.config.to_json_string()).encode()).hexdigest()[:16]
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.to(dev).eval()
+    if dm is None:
+        model.to(dev)
+    else:
+        info["device_map"] = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+    model.eval()
     model.requires_grad_(False)
     adapter = ModelAdapter(model)
-    return LoadedModel(model, tok, adapter, spec, str(where), fingerprint, dev, dt, info)
+    return LoadedModel(model, tok, adapter, spec, str(where), fingerprint, dev or adapter.device, dt, info)

@@ -13,7 +13,10 @@ every case is done.  A directory without ``metrics.json`` is unfinished.
 
 Resume (independent edits): records of batches that finished completely are kept; a
 batch that was cut off half-way is dropped from the log and redone from the original
-weights, so no case is lost or counted twice.
+weights, so no case is lost or counted twice.  Launched as several processes
+(``torchrun`` / ``accelerate launch``), independent batches are split over them, each
+process logs to its own file and the main process merges the logs
+(:mod:`kedit.runs.shard`); a run resumes with any number of processes.
 
 Sequential runs (edits accumulate) keep their state on disk as they go: after each
 batch its records (post = the metrics right after that edit) are appended to the log,
@@ -47,6 +50,8 @@ from kedit.util.paths import package_data
 from kedit.methods.edit import pack_sites, unpack_sites
 from kedit.runs.runner import Resume, SiteStates, metrics_summary, run_edits
 from kedit.runs.rundir import append_record, read_results, unique_run_id, write_json, write_text
+from kedit.runs.shard import batch_ranges, consolidate, my_batches, shard_log, todo_batches
+from kedit.util.launch import Launch
 
 # name -> (file under kedit/data, layout, note shown with the numbers)
 BENCHMARKS = {
@@ -150,18 +155,6 @@ def load_benchmark(name: str, data: str | None = None, n: int | None = None, off
     return cases[offset: offset + n if n else None]
 
 
-def complete_records(records: list[dict], batch_size: int) -> list[dict]:
-    """Records of the batches that finished completely (a cut-off batch is redone)."""
-    by_batch: dict[int, list[dict]] = {}
-    for r in records:
-        by_batch.setdefault(r["batch"], []).append(r)
-    kept = []
-    for b, recs in by_batch.items():
-        if len({r["case_id"] for r in recs}) == batch_size or recs[-1].get("last_batch"):
-            kept.extend(recs)
-    return kept
-
-
 CHECKPOINT = "checkpoint.safetensors"
 CURVE = "curve.jsonl"
 
@@ -199,7 +192,7 @@ def load_checkpoint(run_dir: Path) -> tuple[int, SiteStates, dict[str, torch.Ten
 
 def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
                     checkpoint_every: int | None, progress: Callable[[dict], None] | None, extra_metrics,
-                    evaluation=None) -> dict:
+                    evaluation=None, planned: Callable[[int, int], None] | None = None) -> dict:
     log, curve_log = run_dir / "results.jsonl", run_dir / CURVE
     saved = load_checkpoint(run_dir)
     resume = None
@@ -214,6 +207,8 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
     write_text(curve_log, "".join(json.dumps(p) + "\n" for p in curve))
 
     edits = [len(resume.records) if resume else 0]
+    if planned:
+        planned(edits[0], len(cases) - edits[0])
 
     def on_batch(recs: list[dict], sites: SiteStates) -> None:
         for rec in recs:
@@ -243,41 +238,62 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
 
 def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: int | None = None,
               sequential: bool = False, checkpoint_every: int | None = None,
-              progress: Callable[[dict], None] | None = None, extra_metrics=None, evaluation=None) -> dict:
+              progress: Callable[[dict], None] | None = None, extra_metrics=None, evaluation=None,
+              launch: Launch | None = None, planned: Callable[[int, int], None] | None = None) -> dict | None:
     """Edit and evaluate ``cases``, appending each finished case to ``run_dir/results.jsonl``.
 
     Cases already in the log (from an interrupted run) are skipped (sequential runs go
     on from their checkpoint); returns metrics.json's content once every case is done.
     ``evaluation`` (:class:`kedit.evaluation.suite.Evaluation`) is what is measured
     (default: the teacher-forced metrics).
+
+    ``launch`` (several processes: :class:`kedit.util.launch.Launch`): every process calls
+    this with the same arguments; each edits its share of the batches not yet done
+    (:mod:`kedit.runs.shard`) and the main process merges the logs and writes
+    ``metrics.json``, which it returns (the other processes return None).
+    ``planned(done, mine)`` is told, before any editing, how many cases were already done
+    and how many this process will edit.
     """
     run_dir = Path(run_dir)
-    log = run_dir / "results.jsonl"
+    launch = launch or Launch()
     native = getattr(method, "batch_native", False)
     size = batch_size or (len(cases) if native else 1)
     if sequential:
-        return _run_sequential(method, cases, run_dir, size, checkpoint_every, progress, extra_metrics, evaluation)
+        if launch.sharded:
+            raise BenchError(f"--sequential: edits accumulate in one model and cannot be split over "
+                             f"{launch.world} processes (run it with one process)")
+        return _run_sequential(method, cases, run_dir, size, checkpoint_every, progress, extra_metrics, evaluation,
+                               planned)
     if checkpoint_every:
         raise BenchError("--checkpoint-every needs --sequential (independent edits have no accumulated state)")
-    done = complete_records(read_results(log), size)
-    # Rewrite the log with the complete batches only (atomic), then append from there.
-    write_text(log, "".join(json.dumps(r) + "\n" for r in done))
-    done_ids = {r["case_id"] for r in done}
-    todo = [c for c in cases if c.case_id not in done_ids]
-    batch_offset = 1 + max((r["batch"] for r in done), default=-1)
-    n_batches = -(-len(todo) // size) if todo else 0
+    if launch.main:
+        consolidate(run_dir, cases, size)          # logs of an interrupted run, any process count
+    launch.barrier()
+    done = read_results(run_dir / "results.jsonl")
+    mine = my_batches(todo_batches(done, cases, size), launch.rank, launch.world)
+    ranges = batch_ranges(len(cases), size)
+    todo = [cases[i] for b in mine for i in ranges[b]]
+    log = shard_log(run_dir, launch.rank, launch.world)
+    if planned:
+        planned(len(done), len(todo))
 
     def on_case(rec: dict) -> None:
-        rec = {**rec, "batch": rec["batch"] + batch_offset}
-        if rec["batch"] - batch_offset == n_batches - 1:
-            rec["last_batch"] = True
+        # run_edits numbers this process's batches 0, 1, ...: the batch on the whole case list
+        rec = {**rec, "batch": mine[rec["batch"]]}
         append_record(log, rec)
         if progress:
             progress(rec)
 
     if todo:
+        # todo is whole batches in order, only the run's last one can be short: run_edits cuts
+        # it into the same batches
         run_edits(method, todo, batch_size=size, on_case=on_case, extra_metrics=extra_metrics, evaluation=evaluation)
-    records = read_results(log)
+    launch.barrier()
+    if not launch.main:
+        return None
+    records = consolidate(run_dir, cases, size)
+    if len(records) != len(cases):
+        raise BenchError(f"{run_dir}: {len(records)} of {len(cases)} cases have records after the run")
     metrics = metrics_summary(records)
     metrics["time"] = time_split(records)
     write_json(run_dir / "metrics.json", metrics)

@@ -111,10 +111,11 @@ def spread_over_layers(loaded, requests: Sequence[EditRequest], layers: Sequence
         for i, layer in enumerate(layers):
             t0 = time.perf_counter()
             K = compute_keys(loaded, requests, [layer], templates, position)[layer].mean(1)
-            K = K.T.to(loaded.device)                                           # (d_key, n)
-            cur = current().to(loaded.device)                                   # (n, d)
+            dev = adapter.layer_device(layer)             # a device map may put layers on other devices
+            K = K.T.to(dev)                                                     # (d_key, n)
+            cur = current().to(dev)                                             # (n, d)
             t1 = time.perf_counter()
-            R = (z.to(loaded.device) - cur) / divisor(len(layers) - i)          # (n, d_out)
+            R = (z.to(dev) - cur) / divisor(len(layers) - i)          # (n, d_out)
             norm = adapter.mlp_out_norm(layer) if residual_targets else None
             if norm is not None:
                 proj = adapter.mlp_out(layer)

@@ -202,11 +202,13 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
 
         def add_delta(m: int):
             def fn(out: torch.Tensor) -> torch.Tensor:
-                seen_out[m] = out[arange, look].detach()
+                # the edited module's device, which a device map may make another than the inputs'
+                rows_, look_ = arange.to(out.device), look.to(out.device)
+                seen_out[m] = out[rows_, look_].detach()
                 if delta is None:
                     return out
                 add = torch.zeros_like(out)
-                add = add.index_put((arange, look), delta[req, m].to(out.dtype))
+                add = add.index_put((rows_, look_), delta[req, m].to(out.device, out.dtype))
                 return out + add
             return fn
 
@@ -236,8 +238,9 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
             keep_prefix(cache, chunk, row_ids)
         rr, pos, lab, _ = _loss_positions(chunk)
         pos = [p - start[j] for j, p in zip(rr, pos)]
-        h = seen["h"][torch.tensor(rr, device=device), torch.tensor(pos, device=device)]
-        logp = F.log_softmax(head(norm(h)).float(), dim=-1)
+        h = seen["h"]
+        h = h[torch.tensor(rr, device=h.device), torch.tensor(pos, device=h.device)]
+        logp = F.log_softmax(head(norm(h)).float(), dim=-1).to(device)   # the loss on the inputs' device
         return logp, torch.tensor(rr), torch.tensor(lab), torch.stack([seen_out[m] for m in range(len(modules))], 1)
 
     # Initial pass (δ = 0): original outputs v0 at the bare prompt, initial KL distributions.

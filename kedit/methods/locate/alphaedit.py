@@ -128,12 +128,12 @@ class AlphaEdit(MEMIT):
         for layer in p.layers:
             info = self.stats_info.get(layer)
             P, dim, cached = projector(self.C[layer], info.path if info else None, p.nullspace_threshold)
-            self.P[layer] = P.to(self.loaded.device)
+            self.P[layer] = P.to(self.adapter.layer_device(layer))
             self.null_dim[layer] = dim
             self.ctx.say(f"alphaedit layer {layer}: null space {dim}/{d} (threshold {p.nullspace_threshold:g}"
                          f"{', cached' if cached else ''})")
         # Σ k kᵀ over the keys of committed edits, per layer (K_p K_pᵀ).
-        self.preserved = {layer: torch.zeros(d, d, dtype=torch.float64, device=self.loaded.device)
+        self.preserved = {layer: torch.zeros(d, d, dtype=torch.float64, device=self.adapter.layer_device(layer))
                           for layer in p.layers}
         self.committed = 0
         self._pending: tuple[Delta, dict[int, torch.Tensor]] | None = None
@@ -180,6 +180,6 @@ class AlphaEdit(MEMIT):
             m = tensors[f"preserved.{layer}"]
             if tuple(m.shape) != (d, d):
                 raise ValueError(f"alphaedit state: preserved.{layer} has shape {tuple(m.shape)}, expected ({d}, {d})")
-            self.preserved[layer] = m.to(self.loaded.device, torch.float64).clone()
+            self.preserved[layer] = m.to(self.adapter.layer_device(layer), torch.float64).clone()
         self.committed = int(tensors["committed"])
         self._pending = None

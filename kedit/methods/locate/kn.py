@@ -225,8 +225,9 @@ class KN(Method):
                 sign = float(torch.sign(bare[self.layers.index(layer), i])) if self.params.activation_sign else 1.0
                 if layer not in cols:
                     d_out = adapter.weight_out_in(layer).shape[0]
-                    cols[layer] = torch.zeros(d_out, adapter.key_size, dtype=torch.float64, device=loaded.device)
-                cols[layer][:, i] += sign * write.to(loaded.device)
+                    cols[layer] = torch.zeros(d_out, adapter.key_size, dtype=torch.float64,
+                                              device=adapter.layer_device(layer))   # the edited layer's device
+                cols[layer][:, i] += sign * write.to(cols[layer].device)
             self.ctx.add_time("locate", t1 - t0)
             self.ctx.add_time("update", time.perf_counter() - t1)
             info.append({"case_id": r.case_id, "neurons": [list(n) for n in kept], "n_neurons": len(kept),

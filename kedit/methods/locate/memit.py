@@ -83,7 +83,7 @@ class MEMIT(Method):
 
             stats = get_stats(self.loaded, list(p.layers), corpus=p.mom2_corpus, samples=p.mom2_samples,
                               stats_dir=self.ctx.stats_dir, progress=self.ctx.progress)
-            self.C = {layer: stats[layer].to(self.loaded.device, torch.float64) for layer in p.layers}
+            self.C = {layer: stats[layer].to(self.adapter.layer_device(layer), torch.float64) for layer in p.layers}
             self.stats_info = stats.info
         self.templates = context_templates(self.loaded, p.context_template_length_params, self.ctx.seed)
         self.ctx.add_time("prepare", time.perf_counter() - t0)
@@ -92,11 +92,11 @@ class MEMIT(Method):
     def _cov(self, layer: int) -> torch.Tensor:
         if layer in self.C:
             return self.C[layer]
-        return torch.eye(self.adapter.key_size, dtype=torch.float64, device=self.loaded.device)
+        return torch.eye(self.adapter.key_size, dtype=torch.float64, device=self.adapter.layer_device(layer))
 
     def _layer_update(self, layer: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
         """The closed-form solve of one layer: ``R`` (d_out, n) the residual this layer must
-        write, ``K`` (d_key, n) its keys (both on the model's device); returns ΔW
+        write, ``K`` (d_key, n) its keys (both on the layer's device); returns ΔW
         (d_out, d_key) float64.  MEMIT: ΔW = R Kᵀ (λ·C + K Kᵀ)⁻¹.  Relatives of MEMIT
         (AlphaEdit, EMMET) override this step only."""
         return least_squares_update(R, K, self._cov(layer), self.params.mom2_update_weight)

@@ -93,10 +93,11 @@ class ROME(Method):
         tg = optimise_targets(self.loaded, [r], self.templates, adapter.mlp_out(p.layer), p.fact_token,
                               p.target_options(), seed=self.ctx.seed)
         t2 = time.perf_counter()
-        C = self.C.to(self.loaded.device) if self.C is not None else None
-        u = rank_one_direction(k_avg.to(self.loaded.device), C)
+        dev = adapter.layer_device(p.layer)              # the edited layer's device (device maps)
+        C = self.C.to(dev) if self.C is not None else None
+        u = rank_one_direction(k_avg.to(dev), C)
         k_den = (k_avg if p.key_mode == "averaged" else k_bare).to(u.device).double()
-        dW = torch.outer(tg.delta[0].double(), u) / torch.dot(u, k_den)
+        dW = torch.outer(tg.delta[0].to(dev).double(), u) / torch.dot(u, k_den)
         param = adapter.mlp_out_param(p.layer)
         delta = Delta({param: adapter.to_param_layout(dW).to(adapter.dtype)})
         t3 = time.perf_counter()

@@ -65,6 +65,7 @@ from kedit.methods.base import Delta, Method
 from kedit.methods.core.keys import batch_tensors, pad_id, target_rows
 from kedit.methods.core.solve import least_squares_update
 from kedit.methods.registry import register
+from kedit.models.arch import module_device
 from kedit.models.hooks import edit_output, record, run_until_stopped
 
 #: ε of the normalisation (the reference adds float32's machine epsilon to σ).
@@ -149,7 +150,7 @@ class UltraEdit(Method):
         self.stats: dict[str, RunningStats] = {}
         for param, m in self.sites:
             d_out, d_in = self._shape(m)
-            self.stats[param] = RunningStats.empty(d_in + d_out, self.loaded.device)
+            self.stats[param] = RunningStats.empty(d_in + d_out, module_device(m))   # the edited module's device
         self.turns = 0
         self._pending: tuple[Delta, dict[str, RunningStats]] | None = None
         self._ready = True
@@ -258,11 +259,12 @@ class UltraEdit(Method):
         if set(tensors) != want:
             raise ValueError(f"ultraedit state: expected {sorted(want)[:4]}..., got {sorted(tensors)[:4]}...")
         for param, s in self.stats.items():
+            dev = s.mean.device
             got = {f: tensors[f"norm.{param}.{f}"] for f in ("n", "mean", "m2")}
             if tuple(got["mean"].shape) != tuple(s.mean.shape) or tuple(got["m2"].shape) != tuple(s.m2.shape):
                 raise ValueError(f"ultraedit state: norm.{param} has shape {tuple(got['mean'].shape)}, "
                                  f"expected {tuple(s.mean.shape)}")
-            self.stats[param] = RunningStats(*(got[f].to(self.loaded.device, torch.float64).clone()
+            self.stats[param] = RunningStats(*(got[f].to(dev, torch.float64).clone()
                                                for f in ("n", "mean", "m2")))
         self.turns = int(tensors["turns"])
         self._pending = None
