@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from kedit.util.yamlio import read_dir_yaml
 from kedit.util.atomic import atomic_path, refused_as
 
 from kedit.data.cases import EditCase, load_cases
@@ -347,13 +348,7 @@ def save_bench_config(run_dir: Path, config: dict) -> None:
 
 
 def load_bench_config(run_dir: Path) -> dict:
-    f = Path(run_dir) / "config.yaml"
-    if not f.exists():
-        raise BenchError(f"--resume {run_dir}: no config.yaml (not a kedit bench run directory)")
-    try:
-        config = yaml.safe_load(f.read_text())
-    except yaml.YAMLError as e:
-        raise BenchError(f"--resume {run_dir}: config.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
+    config = read_dir_yaml(run_dir, "config.yaml", BenchError, "kedit bench run")
     if not isinstance(config, dict) or "bench" not in config:
         raise BenchError(f"--resume {run_dir}: config.yaml has no 'bench' section (not a bench run)")
     if (Path(run_dir) / "metrics.json").exists():

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from kedit.util.yamlio import read_dir_yaml
 from kedit.runs.rundir import write_text
 
 SPEC = "sweep.yaml"
@@ -126,13 +127,7 @@ def save_spec(sweep_dir: Path, spec: dict) -> None:
 
 
 def load_spec(sweep_dir: Path) -> dict:
-    f = Path(sweep_dir) / SPEC
-    if not f.exists():
-        raise SweepError(f"--resume {sweep_dir}: no {SPEC} (not a kedit sweep directory)")
-    try:
-        spec = yaml.safe_load(f.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"--resume {sweep_dir}: {SPEC} is not valid YAML ({str(e).splitlines()[0]})") from None
+    spec = read_dir_yaml(sweep_dir, SPEC, SweepError, "kedit sweep")
     if not isinstance(spec, dict) or not {"benchmark", "methods", "grid", "bench"} <= set(spec):
         raise SweepError(f"--resume {sweep_dir}: {SPEC} is not a kedit sweep spec")
     return spec

@@ -53,6 +53,7 @@ from typing import Any, Protocol
 import torch
 import yaml
 
+from kedit.util.yamlio import read_dir_yaml
 from kedit.config import ConfigError
 from kedit.data.cases import EditCase, load_cases
 from kedit.util.atomic import atomic_path, refused_as, write_text
@@ -422,13 +423,7 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 def read_config(run_dir: Path) -> dict[str, Any]:
-    f = Path(run_dir) / "config.yaml"
-    if not f.is_file():
-        raise ConfigError(f"--resume {run_dir}: not a training run directory (no config.yaml)")
-    try:
-        config = yaml.safe_load(f.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--resume {run_dir}: config.yaml is not valid YAML ({str(e).splitlines()[0]})") from None
+    config = read_dir_yaml(run_dir, "config.yaml", ConfigError, "training run")
     if not isinstance(config, dict) or config.get("kind") != "train":
         raise ConfigError(f"--resume {run_dir}: not a training run directory (its config.yaml is not kedit train's)")
     missing = [k for k in ("method", "data", "seed", "model", "hparams", "hparams_source") if k not in config]
