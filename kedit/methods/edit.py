@@ -38,6 +38,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from kedit.models.cache import cache_of, is_fresh
+
 
 class EditError(ValueError):
     """An edit that cannot be applied, read or merged as asked (one-line message)."""
@@ -489,8 +491,7 @@ def _forward_with_context(model: torch.nn.Module, original, *args, **kwargs):
     b = ids.shape[0]
     c = ctx.shape[0]
     ctx_ids = ctx.to(ids.device).unsqueeze(0).expand(b, c)
-    past = kwargs.get("past_key_values")
-    fresh = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
+    fresh = is_fresh(cache_of(kwargs))
     mask = kwargs.get("attention_mask")
     if mask is not None:
         kwargs["attention_mask"] = torch.cat([torch.ones(b, c, dtype=mask.dtype, device=mask.device), mask], 1)

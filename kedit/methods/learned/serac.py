@@ -68,6 +68,7 @@ from kedit.methods.core.keys import pad_id
 from kedit.methods.edit import EditError, EditWrapper, WrapperSpec
 from kedit.methods.learned.trainer import LearnCase, resolve_editor
 from kedit.methods.registry import register
+from kedit.models.cache import cache_of, is_fresh
 from kedit.models.hooks import record, run_until_stopped
 from kedit.models.tokens import encode_prompt_target, pad_batch
 
@@ -280,8 +281,7 @@ class SeracWrapper(EditWrapper):
         if ids is None or self.keys.shape[0] == 0:
             return self.base(*args, **kwargs)
         c = self.config_dict
-        past = kwargs.get("past_key_values")
-        fresh = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
+        fresh = is_fresh(cache_of(kwargs))
         block = self.base.get_submodule(c["blocks"])[c["cls_layer"]]
         with record({"f": block}, inputs=False) as seen:
             out = self.base(*args, **kwargs)
