@@ -323,6 +323,11 @@ class EditWrapper(torch.nn.Module):
         """Mergeable wrappers: base parameter name (relative to ``base``) -> additive change."""
         raise EditError(f"{type(self).__name__} cannot be merged into the weights")
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """A cached generation dropped the rows that ended: of the batch of the last call,
+        the rows ``index`` (in order) go on.  A wrapper that keeps per-row state from one
+        call of a sequence to the next selects those rows; the default keeps none."""
+
 
 def _parent(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")

@@ -274,6 +274,14 @@ class SeracWrapper(EditWrapper):
                                                                       "use_cache": False})
         return out[0]
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """The feature sums and token histories of the rows that go on."""
+        if self._sum is None or self._cnt is None or not index.numel() or int(index.max()) >= self._sum.shape[0]:
+            return                      # no state of this sequence (the wrapper routed nothing)
+        index = index.to(self._sum.device)
+        self._sum, self._cnt = self._sum[index], self._cnt[index]
+        self._hist = [self._hist[i] for i in index.tolist()]
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
