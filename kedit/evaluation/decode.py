@@ -1,9 +1,9 @@
 """Greedy decoding with a key/value cache: the loop kedit's greedy generations run through.
 
 Each step is one forward call of the model with the keyword arguments transformers'
-``generate`` passes (``input_ids``, the 2-D ``attention_mask``, ``position_ids`` from the
-mask, the cache under the name the forward takes, ``use_cache``, ``logits_to_keep=1``
-where the forward has it), so every edit kind acts as it does under ``generate``: weight
+``generate`` passes (``input_ids``, the 2-D ``attention_mask``, ``position_ids`` from the mask
+(where the forward takes them), the cache under the name the forward takes, ``use_cache``,
+``logits_to_keep=1`` where the forward has it), so every edit kind acts as under ``generate``: weight
 deltas and adapters are in the modules, memories route with the mask a forward
 pre-hook hands them, a context edit sees an empty cache on the first call only.  The
 next token is the argmax of the last position's logits; no logits processor runs (the
@@ -60,6 +60,7 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     fixed: dict[str, Any] = {cache_arg(model.forward): cache, "use_cache": True, "return_dict": True}
     if "logits_to_keep" in params:
         fixed["logits_to_keep"] = 1
+    with_positions = "position_ids" in params
     wrappers = [m for m in model.modules() if isinstance(m, EditWrapper)]
 
     mask = attention_mask.to(device=device, dtype=torch.long)
@@ -69,7 +70,8 @@ def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     out = torch.full((batch, max_new_tokens), int(pad_id), dtype=torch.long, device=device)
     steps = 0
     for step in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **fixed).logits
+        extra = {"position_ids": positions} if with_positions else {}
+        logits = model(input_ids=ids, attention_mask=mask, **extra, **fixed).logits
         nxt = logits[:, -1, :].argmax(-1)
         out[live, step] = nxt
         steps = step + 1
