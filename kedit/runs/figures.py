@@ -1,5 +1,5 @@
 """What every part of a run report shares: number and markdown-cell formatting, and the
-figure helpers (matplotlib's Agg canvas, no pyplot state; PNGs written atomically)."""
+figure building blocks (matplotlib's Agg canvas, no pyplot state; PNGs written atomically)."""
 
 from __future__ import annotations
 
