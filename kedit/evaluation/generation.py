@@ -16,7 +16,7 @@ and sampling (``model.generate``) alike give the model ``position_ids`` from the
 mask (``cumsum - 1``, the same as :func:`kedit.models.tokens.pad_batch`) and extend them at
 each step.  ``tests/test_generation.py`` checks that a padded batch gives the same greedy
 text as one prompt at a time for every tiny model family (absolute and rotary positions
-alike), and that greedy decoding gives the ids ``model.generate`` gives.
+alike); ``tests/test_decode.py`` that greedy decoding gives the ids ``model.generate`` gives.
 """
 
 from __future__ import annotations
@@ -143,9 +143,9 @@ def generate(
     ``batch_size`` at a time under ``torch.inference_mode`` with the attention mask
     and an explicit ``pad_token_id``.  Greedy decoding runs kedit's own cached loop
     (:func:`kedit.evaluation.decode.greedy_decode`: the same ids as ``model.generate``, rows
-    that ended leave the batch); sampling runs ``model.generate``.  Generation stops at the model's EOS or after
-    ``max_new_tokens``; the text returned is what follows the prompt, decoded with
-    ``skip_special_tokens=True`` (so it usually starts with a space).
+    that ended leave the batch); sampling runs ``model.generate``.  Generation stops at
+    the model's EOS or after ``max_new_tokens``; the text returned is what follows the
+    prompt, decoded with ``skip_special_tokens=True`` (so it usually starts with a space).
 
     Greedy unless ``sample``; sampling uses ``temperature`` and ``top_k`` (``None``:
     no top-k cut) with ``top_p = 1``, seeded with ``seed`` inside a forked RNG, so

@@ -56,8 +56,6 @@ CHART_METRICS = {
 }
 
 
-
-
 class ReportError(ValueError):
     """A directory that is not a readable run (one-line message)."""
 
