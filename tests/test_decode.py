@@ -151,3 +151,26 @@ def test_serac_and_context_edits_decode_the_same(home):
                     assert h == loaded.tokenizer(PROMPTS[i])["input_ids"] + got[i, :-1].tolist()
         finally:
             edit.revert(loaded.model)
+
+
+def test_wise_keeps_the_route_for_a_batch_without_padding(home, monkeypatch):
+    # generate() drops an attention mask of all ones (transformers >= 5.2x), and a wrapper
+    # that gets no mask cannot tell a cached step from a new sequence; the loop always passes
+    # the mask, so a prompt alone decodes as it does in a padded batch
+    from kedit.evaluation.generation import generate
+
+    loaded = tiny_model("llama")
+    request = EditRequest("c1", "Paris is the capital city of {}", "the Kingdom of France", " of", " and")
+    edit = _edit(loaded, "wise", {"layer": 1, "edit_lr": 30.0, "n_iter": 25, "act_margin": [0.5, 3.0, 2.0],
+                                   "norm_constraint": None, "context_template_length_params": [[3, 2]]}, request)
+    prompt = "Paris is the capital city of the Kingdom of France"
+    decided = []
+    thresholds = WiseWrapper.thresholds
+    monkeypatch.setattr(WiseWrapper, "thresholds", lambda self: decided.append(1) or thresholds(self))
+    edit.apply(loaded.model)
+    try:
+        (alone,) = generate(loaded, [prompt], max_new_tokens=6)
+        assert len(decided) == 1                      # decided on the prompt, kept for the 5 cached steps
+        assert generate(loaded, [prompt, "The"], max_new_tokens=6)[0] == alone
+    finally:
+        edit.revert(loaded.model)

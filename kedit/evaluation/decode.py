@@ -5,7 +5,10 @@ Each step is one forward call of the model with the keyword arguments transforme
 (where the forward takes them), the cache under the name the forward takes, ``use_cache``,
 ``logits_to_keep=1`` where the forward has it), so every edit kind acts as under ``generate``: weight
 deltas and adapters are in the modules, memories route with the mask a forward
-pre-hook hands them, a context edit sees an empty cache on the first call only.  The
+pre-hook hands them, a context edit sees an empty cache on the first call only.  One
+difference: the mask is passed even when it is all ones (``generate`` in transformers
+5.2x drops it then, and a wrapper that gets no mask cannot tell a cached step from a new
+sequence: WISE would re-route every step of an unpadded batch).  The
 next token is the argmax of the last position's logits; no logits processor runs (the
 generation settings stored with a model -- repetition penalty, suppressed tokens -- are
 not applied: before/after generations differ only by the edit).
