@@ -128,3 +128,16 @@ def check_sequential_resume(tmp_path: Path, monkeypatch, method: str, hparams: d
     assert res.exit_code == 0, res.output
     assert science(json.loads((run / "metrics.json").read_text())) == want
     return want
+
+
+def cached_step_logits(model, ids: list[int]) -> torch.Tensor:
+    """The logits after ``ids``, computed as cached generation does: the prefix fills a
+    key/value cache (passed under the name the forward takes), then the last id alone."""
+    from kedit.models.cache import cache_arg, new_cache
+
+    name = cache_arg(model.forward)
+    cache = new_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids[:-1]]), **{name: cache}, use_cache=True)
+        assert cache.get_seq_length() > 0
+        return model(input_ids=torch.tensor([ids[-1:]]), **{name: cache}, use_cache=True).logits[0, -1]

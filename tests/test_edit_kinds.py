@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from contract import assert_revert_bit_identical, assert_save_load_same_logits, logits
+from contract import assert_revert_bit_identical, assert_save_load_same_logits, cached_step_logits, logits
 from tiny import FAMILIES, tiny_model
 
 from kedit.data.cases import EditCase, PromptSet
@@ -226,3 +226,18 @@ def test_a_memory_edit_exports_as_base_plus_edit_and_loads_edited(tmp_path, monk
     torch.testing.assert_close(logits(edited), want, rtol=0, atol=1e-6)
     plain = kedit.load_model(str(out), device="cpu")      # from_pretrained: the base model
     torch.testing.assert_close(logits(plain), base, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_cached_step_sees_the_context_once(family):
+    # the cache arrives as ``cache`` (transformers >= 5.2x) or ``past_key_values``: either way the
+    # context goes in front of the first call only, so a cached step equals the whole forward
+    loaded = tiny_model(family)
+    edit = context_edit(loaded)
+    ids = loaded.tokenizer("The river flows through the old town of")["input_ids"]
+    edit.apply(loaded.model)
+    with torch.no_grad():
+        whole = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    step = cached_step_logits(loaded.model, ids)
+    edit.revert(loaded.model)
+    torch.testing.assert_close(step, whole, rtol=0, atol=1e-5)

@@ -9,7 +9,7 @@ import json
 from dataclasses import replace
 
 import torch
-from contract import assert_revert_bit_identical, assert_save_load_same_logits, logits
+from contract import assert_revert_bit_identical, assert_save_load_same_logits, cached_step_logits, logits
 from tiny import tiny_model
 
 from kedit.config import build_params
@@ -191,3 +191,15 @@ def test_kedit_edit_writes_a_run_of_several_serac_edits(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     (run,) = list((tmp_path / "runs").iterdir())
     assert (run / EDIT_FILE).exists() and (run / "metrics.json").exists()
+
+
+def test_a_cached_step_keeps_the_history_of_the_sequence():
+    # the routed state of a cached step is the counterfactual model's on the whole sequence
+    # so far, whatever name the cache arrives under
+    loaded = tiny_model("llama")
+    edit = routing(untrained_edit(loaded, scale=30.0), everything=True)
+    ids = loaded.tokenizer("A fact about France is the")["input_ids"]
+    edit.apply(loaded.model)
+    step = cached_step_logits(loaded.model, ids)
+    edit.revert(loaded.model)
+    torch.testing.assert_close(step, counterfactual_logits(loaded, edit, ids)[-1], rtol=1e-4, atol=1e-5)

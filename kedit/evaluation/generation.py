@@ -11,12 +11,12 @@
 A row is a dict ``{"case_id", "kind", "prompt", "before", "after"}`` (extra keys are
 kept in the JSONL file and ignored by the renderers).
 
-Position ids: the batch is left-padded and only ``input_ids`` + ``attention_mask`` are
-given to ``model.generate``; transformers derives ``position_ids`` from the attention
-mask (``cumsum - 1``, the same as :func:`kedit.models.tokens.pad_batch`) for every model whose
-``forward`` takes them, and extends them at each step.  ``tests/test_generation.py``
-checks that a padded batch gives the same greedy text as one prompt at a time for
-every tiny model family (absolute and rotary positions alike).
+Position ids: the batch is left-padded; greedy decoding (:func:`kedit.evaluation.decode.greedy_decode`)
+and sampling (``model.generate``) alike give the model ``position_ids`` from the attention
+mask (``cumsum - 1``, the same as :func:`kedit.models.tokens.pad_batch`) and extend them at
+each step.  ``tests/test_generation.py`` checks that a padded batch gives the same greedy
+text as one prompt at a time for every tiny model family (absolute and rotary positions
+alike); ``tests/test_decode.py`` that greedy decoding gives the ids ``model.generate`` gives.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from kedit.evaluation.decode import greedy_decode
 from kedit.util.atomic import write_text
 from kedit.models.tokens import pad_batch
 
@@ -140,9 +141,11 @@ def generate(
     adds them), left-padded with :func:`kedit.models.tokens.pad_batch` (the tokenizer itself
     never pads, so its ``padding_side`` and pad token are left as they are) and run
     ``batch_size`` at a time under ``torch.inference_mode`` with the attention mask
-    and an explicit ``pad_token_id``.  Generation stops at the model's EOS or after
-    ``max_new_tokens``; the text returned is what follows the prompt, decoded with
-    ``skip_special_tokens=True`` (so it usually starts with a space).
+    and an explicit ``pad_token_id``.  Greedy decoding runs kedit's own cached loop
+    (:func:`kedit.evaluation.decode.greedy_decode`: the same ids as ``model.generate``, rows
+    that ended leave the batch); sampling runs ``model.generate``.  Generation stops at
+    the model's EOS or after ``max_new_tokens``; the text returned is what follows the
+    prompt, decoded with ``skip_special_tokens=True`` (so it usually starts with a space).
 
     Greedy unless ``sample``; sampling uses ``temperature`` and ``top_k`` (``None``:
     no top-k cut) with ``top_p = 1``, seeded with ``seed`` inside a forked RNG, so
@@ -189,7 +192,8 @@ def generate(
     if stop:
         if stop_ids is None:
             stop_ids = stop_token_ids(tokenizer, stop)
-        options["stopping_criteria"] = _stopping(stop_ids.to(device))
+        if sample:
+            options["stopping_criteria"] = _stopping(stop_ids.to(device))
     outputs: list[str] = []
     was_training = model.training
     model.eval()
@@ -201,11 +205,15 @@ def generate(
             for lo in range(0, len(prompts), batch_size):
                 seqs = [ids if ids else [start_id] for ids in encoded[lo: lo + batch_size]]
                 input_ids, attention_mask, _ = pad_batch(seqs, pad_id, side="left")
-                out = model.generate(input_ids=input_ids.to(device),
-                                     attention_mask=attention_mask.to(device), **options)
-                width = input_ids.shape[1]
+                input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+                if sample:
+                    new_ids = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                             **options)[:, input_ids.shape[1]:]
+                else:
+                    new_ids = greedy_decode(model, input_ids, attention_mask, int(max_new_tokens),
+                                            stop_ids=stop_ids if stop else (), pad_id=pad_id)
                 for i, ids in enumerate(encoded[lo: lo + batch_size]):
-                    new = [int(t) for t in out[i, width:].tolist()]
+                    new = [int(t) for t in new_ids[i].tolist()]
                     outputs.append(cut_at(_continuation(tokenizer, ids, new), stop))
     finally:
         model.train(was_training)

@@ -123,7 +123,7 @@ class WildSettings:
 
     max_new_tokens: int = MAX_NEW_TOKENS
     chat_template: bool = False
-    batch_size: int = 64       # prompts per generate call: a batch runs until its longest answer stops
+    batch_size: int = 64       # prompts decoded together; a row leaves the batch when its answer stops
     stop: tuple[str, ...] = STOP
     _stop_ids: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 

@@ -38,6 +38,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from kedit.models.cache import cache_of, is_fresh
+
 
 class EditError(ValueError):
     """An edit that cannot be applied, read or merged as asked (one-line message)."""
@@ -324,6 +326,11 @@ class EditWrapper(torch.nn.Module):
         """Mergeable wrappers: base parameter name (relative to ``base``) -> additive change."""
         raise EditError(f"{type(self).__name__} cannot be merged into the weights")
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """A cached generation dropped the rows that ended: of the batch of the last call,
+        the rows ``index`` (in order) go on.  A wrapper that keeps per-row state from one
+        call of a sequence to the next selects those rows; the default keeps none."""
+
 
 def _parent(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
@@ -492,8 +499,7 @@ def _forward_with_context(model: torch.nn.Module, original, *args, **kwargs):
     b = ids.shape[0]
     c = ctx.shape[0]
     ctx_ids = ctx.to(ids.device).unsqueeze(0).expand(b, c)
-    past = kwargs.get("past_key_values")
-    fresh = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
+    fresh = is_fresh(cache_of(kwargs))
     mask = kwargs.get("attention_mask")
     if mask is not None:
         kwargs["attention_mask"] = torch.cat([torch.ones(b, c, dtype=mask.dtype, device=mask.device), mask], 1)

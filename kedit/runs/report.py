@@ -14,6 +14,10 @@ Charts (matplotlib, Agg, no pyplot state):
   bench runs: ``[{"edits": k, "n": k, "post": {metric: mean}}, ...]``, the means over the
   first k cases after k edits), one panel per metric, the metric against the number of
   edits, one line per run; the dotted line is the run's mean before editing.
+
+Runs scored beyond teacher forcing (``--eval generate|all``, ``--cost``) add their
+sections and charts (``report-generated.png``, ``report-cost.png``,
+``report-cost-curve.png``): :mod:`kedit.runs.report_beyond`.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ from typing import Any
 
 import yaml
 
-from kedit.util.atomic import atomic_path, output_dir, write_text
+from kedit.runs import report_beyond as beyond
+from kedit.runs.figures import COLOURS, fmt
+from kedit.runs.figures import grid as _grid
+from kedit.runs.figures import legend_key as _key
+from kedit.runs.figures import md as _md
+from kedit.runs.figures import save_png as _save
+from kedit.util.atomic import output_dir, write_text
 
 #: Metrics shown by ``kedit runs`` (post-edit means), with their column names: the three
 #: EasyEdit accuracies and the CounterFact score (which sums up ES, PS and NS).
@@ -44,8 +54,6 @@ CHART_METRICS = {
     "neighborhood_success": "neighbourhood success (NS)",
     "score": "score (harmonic mean ES/PS/NS)",
 }
-
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
 class ReportError(ValueError):
@@ -163,10 +171,6 @@ def list_runs(root: str | os.PathLike = "runs") -> list[RunSummary]:
 # --------------------------------------------------------------------------- tables
 
 
-def fmt(v: Any, digits: int = 2) -> str:
-    return "–" if not isinstance(v, (int, float)) else f"{v:.{digits}f}"
-
-
 def runs_table(runs: list[RunSummary], title: str = "runs"):
     """A rich table, one row per run: number, time, method, model, cases, n, post-edit
     headline metrics.  The run directories are listed under it by number (the ids are long)."""
@@ -272,10 +276,6 @@ def distinguish(runs: list[RunSummary], most: int = 2) -> list[RunSummary]:
     return runs
 
 
-def _md(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 #: Columns of the report's summary table: post-edit means, one row per run.
 SUMMARY = {"rewrite_acc": "rewrite", "rephrase_acc": "rephrase", "locality_acc": "locality",
            "specificity_acc": "specificity", "efficacy_success": "ES", "paraphrase_success": "PS",
@@ -336,6 +336,7 @@ def render_report(runs: list[RunSummary], charts: dict[str, str]) -> str:
                       "|---" * (len(names) + 1) + "|"]
             for p in r.curve:
                 lines.append(f"| {p.get('edits')} | " + " | ".join(fmt(p.get("post", {}).get(m)) for m in names) + " |")
+    lines += beyond.markdown_sections(runs, charts)
     diffs = config_differences(runs)
     if diffs:
         lines += ["", "## Settings that differ", "",
@@ -347,29 +348,6 @@ def render_report(runs: list[RunSummary], charts: dict[str, str]) -> str:
 
 
 # --------------------------------------------------------------------------- charts
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
-def _grid(n: int, ncols: int = 4) -> tuple[int, int]:
-    ncols = min(ncols, n)
-    return -(-n // ncols), ncols
-
-
-def _key(fig, axes, n_used: int, handles: list, title: str = "runs") -> None:
-    """The legend of the runs: in the first unused panel, else under the figure."""
-    free = list(axes.flat[n_used:])
-    if free:
-        free[0].set_visible(True)
-        free[0].axis("off")
-        free[0].legend(handles=handles, loc="center", frameon=False, fontsize=8, title=title, title_fontsize=9,
-                       labelspacing=1.0)
-    else:
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8,
-                   frameon=False)
 
 
 def bar_chart(runs: list[RunSummary], path: str | os.PathLike) -> Path | None:
@@ -453,7 +431,9 @@ def curve_chart(runs: list[RunSummary], path: str | os.PathLike) -> Path | None:
 
 def write_report(run_dirs: list[str | os.PathLike | RunSummary], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Summarise runs (directories or summaries) into ``out_dir``: report.md, report.png,
-    report-curve.png (when a run has a curve).  Returns what was written, by kind."""
+    report-curve.png (when a run has a curve), and when runs have them report-generated.png,
+    report-cost.png, report-cost-curve.png (:mod:`kedit.runs.report_beyond`).  Returns what
+    was written, by kind."""
     if not run_dirs:
         raise ReportError("give at least one run directory")
     runs = distinguish([d if isinstance(d, RunSummary) else summarize(d) for d in run_dirs])
@@ -463,6 +443,11 @@ def write_report(run_dirs: list[str | os.PathLike | RunSummary], out_dir: str | 
             written["bars"] = out / "report.png"
         if curve_chart(runs, out / "report-curve.png"):
             written["curve"] = out / "report-curve.png"
+        for kind, name, chart in (("generated", "report-generated.png", beyond.generated_chart),
+                                  ("cost", "report-cost.png", beyond.cost_chart),
+                                  ("cost_curve", "report-cost-curve.png", beyond.cost_curve_chart)):
+            if chart(runs, out / name):
+                written[kind] = out / name
         write_text(out / "report.md", render_report(runs, {k: p.name for k, p in written.items()}))
     written["markdown"] = out / "report.md"
     return written

@@ -68,6 +68,7 @@ from kedit.methods.core.keys import pad_id
 from kedit.methods.edit import EditError, EditWrapper, WrapperSpec
 from kedit.methods.learned.trainer import LearnCase, editor_path, resolve_editor
 from kedit.methods.registry import register
+from kedit.models.cache import cache_of, is_fresh
 from kedit.models.hooks import record, run_until_stopped
 from kedit.models.tokens import encode_prompt_target, pad_batch
 
@@ -273,6 +274,14 @@ class SeracWrapper(EditWrapper):
                                                                       "use_cache": False})
         return out[0]
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """The feature sums and token histories of the rows that go on."""
+        if self._sum is None or self._cnt is None or not index.numel() or int(index.max()) >= self._sum.shape[0]:
+            return                      # no state of this sequence (the wrapper routed nothing)
+        index = index.to(self._sum.device)
+        self._sum, self._cnt = self._sum[index], self._cnt[index]
+        self._hist = [self._hist[i] for i in index.tolist()]
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if args:
             kwargs["input_ids"], args = args[0], args[1:]
@@ -280,8 +289,7 @@ class SeracWrapper(EditWrapper):
         if ids is None or self.keys.shape[0] == 0:
             return self.base(*args, **kwargs)
         c = self.config_dict
-        past = kwargs.get("past_key_values")
-        fresh = past is None or (hasattr(past, "get_seq_length") and past.get_seq_length() == 0)
+        fresh = is_fresh(cache_of(kwargs))
         block = self.base.get_submodule(c["blocks"])[c["cls_layer"]]
         with record({"f": block}, inputs=False) as seen:
             out = self.base(*args, **kwargs)

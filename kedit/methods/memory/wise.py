@@ -438,6 +438,13 @@ class WiseWrapper(EditWrapper):
             return None, False
         return mask[:, -x.shape[1]:].to(x.device) > 0, mask.shape[1] > x.shape[1]
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """The routes of the rows that go on (a cached step reuses its row's route)."""
+        if (self.last_route is not None and self._route_batch == self.last_route.shape[0]
+                and index.numel() and int(index.max()) < self._route_batch):
+            self.last_route = self.last_route[index.to(self.last_route.device)]
+            self._route_batch = int(index.numel())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self.main_only or not self.memory or x.dim() != 3:
