@@ -223,7 +223,7 @@ def validate(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)")
 @app.command()
 def models():
     """List the embedded default, the model configs in configs/models and the cached models."""
-    from kedit.models.load import DEFAULT_MODEL, model_configs, source_installed
+    from kedit.models.catalog import DEFAULT_MODEL, model_configs, source_installed
     from kedit.util.paths import kedit_home
 
     t = Table(title="models")

@@ -1,0 +1,44 @@
+"""Listing commands start without torch or transformers: each is run in a fresh Python
+process, which reports the heavy packages its command imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "safetensors", "tokenizers")
+
+_PROBE = """
+import json, sys
+from typer.testing import CliRunner
+from kedit.cli import app
+res = CliRunner().invoke(app, sys.argv[1:])
+print(json.dumps({"exit": res.exit_code, "output": res.output,
+                  "heavy": sorted(m for m in %r if m in sys.modules)}))
+""" % (HEAVY,)
+
+
+def run_fresh(*args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("command", ["models"])
+def test_listing_command_imports_no_heavy_package(command):
+    res = run_fresh(command)
+    assert res["exit"] == 0, res["output"]
+    assert res["heavy"] == [], f"kedit {command} imported {res['heavy']}"
+
+
+def test_models_lists_the_default_model():
+    res = run_fresh("models")
+    assert "smollm2-135m (default)" in res["output"]
