@@ -251,16 +251,15 @@ def models():
 @app.command()
 def methods():
     """List the editing methods and their hyperparameter files."""
-    from kedit.methods.registry import get_method, method_names
+    from kedit.methods.catalog import shipped_methods  # read from source: no torch to import
     from kedit.util.paths import configs_dir
 
     t = Table(title="methods (kind: where the edit lives -- weights, adapter, memory, context)")
     for col in ("method", "kind", "description", "hparams files"):
         t.add_column(col)
-    for name in method_names():
-        files = sorted(p.stem for p in (configs_dir() / "methods" / name).glob("*.yaml"))
-        cls = get_method(name)
-        t.add_row(name, cls.kind, cls.description, ", ".join(files))
+    for m in shipped_methods():
+        files = sorted(p.stem for p in (configs_dir() / "methods" / m.name).glob("*.yaml"))
+        t.add_row(m.name, m.kind, m.description, ", ".join(files))
     console.print(t)
 
 

@@ -32,7 +32,7 @@ def run_fresh(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("command", ["models"])
+@pytest.mark.parametrize("command", ["models", "methods"])
 def test_listing_command_imports_no_heavy_package(command):
     res = run_fresh(command)
     assert res["exit"] == 0, res["output"]
@@ -42,3 +42,22 @@ def test_listing_command_imports_no_heavy_package(command):
 def test_models_lists_the_default_model():
     res = run_fresh("models")
     assert "smollm2-135m (default)" in res["output"]
+
+
+def test_methods_read_from_source_are_the_registered_ones():
+    from kedit.methods.catalog import shipped_methods
+    from kedit.methods.registry import get_method, method_names
+
+    registered = [(n, get_method(n).kind, get_method(n).description) for n in method_names()]
+    assert [(m.name, m.kind, m.description) for m in shipped_methods()] == registered
+
+
+def test_a_description_that_is_not_a_literal_is_refused(tmp_path, monkeypatch):
+    import kedit.methods.catalog as catalog
+
+    (tmp_path / "odd_method.py").write_text(
+        "@register\nclass Odd(Method):\n    name = 'odd'\n    description = 'a' + str(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(catalog, "METHOD_MODULES", ("odd_method",))
+    with pytest.raises(catalog.UnreadableMethod, match="odd_method.Odd.description"):
+        catalog.shipped_methods()
