@@ -21,6 +21,9 @@ class OneLineUsageErrors(typer.core.TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from kedit.util.shutdown import skip_exit_collection
+
+        skip_exit_collection()      # a command that loaded a model would spend ~1.4 s exiting
         # typer vendors click in recent versions: its exception base class, wherever it lives
         click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
         try:

@@ -61,3 +61,20 @@ def test_a_description_that_is_not_a_literal_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog, "METHOD_MODULES", ("odd_method",))
     with pytest.raises(catalog.UnreadableMethod, match="odd_method.Odd.description"):
         catalog.shipped_methods()
+
+
+def test_exit_freezes_objects_after_the_handlers_registered_later(tmp_path):
+    early, late = tmp_path / "early", tmp_path / "late"
+    code = f"""
+import atexit, gc
+atexit.register(lambda: open({str(early)!r}, "w").write(str(gc.get_freeze_count())))
+from kedit.util.shutdown import skip_exit_collection
+skip_exit_collection()
+skip_exit_collection()
+atexit.register(lambda: open({str(late)!r}, "w").write(str(gc.get_freeze_count())))
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert late.read_text() == "0"          # handlers registered after it run before the freeze
+    assert int(early.read_text()) > 0       # ... and it ran at exit, before those registered earlier
