@@ -1,8 +1,8 @@
 """Which models kedit knows, without loading any: the shipped model configs and the packages
 that carry their files.
 
-``kedit models`` and the error messages read this module; it imports neither torch nor
-transformers, so listing models starts as fast as Python does.
+``kedit models`` reads this module and :mod:`kedit.models.load` re-exports its names; it
+imports neither torch nor transformers, so listing models starts as fast as Python does.
 """
 
 from __future__ import annotations
