@@ -21,6 +21,9 @@ class OneLineUsageErrors(typer.core.TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from kedit.util.shutdown import skip_exit_collection
+
+        skip_exit_collection()      # a command that loaded a model would spend ~1.4 s exiting
         # typer vendors click in recent versions: its exception base class, wherever it lives
         click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
         try:
@@ -223,7 +226,7 @@ def validate(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)")
 @app.command()
 def models():
     """List the embedded default, the model configs in configs/models and the cached models."""
-    from kedit.models.load import DEFAULT_MODEL, model_configs, source_installed
+    from kedit.models.catalog import DEFAULT_MODEL, model_configs, source_installed
     from kedit.util.paths import kedit_home
 
     t = Table(title="models")
@@ -251,16 +254,15 @@ def models():
 @app.command()
 def methods():
     """List the editing methods and their hyperparameter files."""
-    from kedit.methods.registry import get_method, method_names
+    from kedit.methods.catalog import shipped_methods  # read from source: no torch to import
     from kedit.util.paths import configs_dir
 
     t = Table(title="methods (kind: where the edit lives -- weights, adapter, memory, context)")
     for col in ("method", "kind", "description", "hparams files"):
         t.add_column(col)
-    for name in method_names():
-        files = sorted(p.stem for p in (configs_dir() / "methods" / name).glob("*.yaml"))
-        cls = get_method(name)
-        t.add_row(name, cls.kind, cls.description, ", ".join(files))
+    for m in shipped_methods():
+        files = sorted(p.stem for p in (configs_dir() / "methods" / m.name).glob("*.yaml"))
+        t.add_row(m.name, m.kind, m.description, ", ".join(files))
     console.print(t)
 
 

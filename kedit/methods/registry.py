@@ -11,21 +11,8 @@ import difflib
 import importlib
 
 from kedit.config import ConfigError
+from kedit.methods.catalog import KINDS, METHOD_MODULES
 from kedit.methods.base import Method
-
-# Modules that define methods, by kind (the folder says where the edit lives); importing
-# them runs their @register decorators.
-METHOD_MODULES = (
-    "kedit.methods.locate.rome", "kedit.methods.locate.memit",            # weights
-    "kedit.methods.locate.alphaedit", "kedit.methods.locate.emmet",
-    "kedit.methods.locate.pmet", "kedit.methods.locate.kn", "kedit.methods.locate.ultraedit",
-    "kedit.methods.finetune.ft",
-    "kedit.methods.finetune.lora",                                        # adapter
-    "kedit.methods.memory.grace", "kedit.methods.memory.wise",            # memory
-    "kedit.methods.context.ike",                                          # context
-    "kedit.methods.learned.mend", "kedit.methods.learned.serac",          # trained editors
-)
-KINDS = ("weights", "adapter", "memory", "context")
 
 
 class UnknownMethod(ConfigError, KeyError):
