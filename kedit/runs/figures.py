@@ -45,3 +45,23 @@ def legend_key(fig, axes, n_used: int, handles: list, title: str = "runs") -> No
     else:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=8,
                    frameon=False)
+
+
+def run_axis(ax, n_runs: int) -> None:
+    """A panel whose x positions are runs 1..n (bars per run): ticks, margins, a light grid."""
+    ax.set_xticks(range(n_runs), [str(i) for i in range(1, n_runs + 1)])
+    ax.set_xlim(-0.6, n_runs - 0.4)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def curve_table(number: int, label: str, curve: list[dict], names: list[str], before: dict | None = None) -> list[str]:
+    """Markdown lines: run ``number``'s metrics ``names`` at each checkpoint of its ``curve``
+    (``before``: a first row of pre-edit values)."""
+    lines = ["", f"Run {number} ({md(label)}):", "", "| edits | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    if before is not None:
+        lines.append("| 0 (before) | " + " | ".join(fmt(before.get(m)) for m in names) + " |")
+    for p in curve:
+        lines.append(f"| {p.get('edits')} | " + " | ".join(fmt(p.get("post", {}).get(m)) for m in names) + " |")
+    return lines

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from kedit.runs import report_beyond as beyond
-from kedit.runs.figures import COLOURS, fmt
+from kedit.runs.figures import COLOURS, curve_table, fmt, run_axis
 from kedit.runs.figures import grid as _grid
 from kedit.runs.figures import legend_key as _key
 from kedit.runs.figures import md as _md
@@ -332,10 +332,7 @@ def render_report(runs: list[RunSummary], charts: dict[str, str]) -> str:
             lines += ["", f"![metrics against the number of edits]({charts['curve']})"]
         for i, r in curved:
             names = [m for m in CHART_METRICS if any(m in p.get("post", {}) for p in r.curve)]
-            lines += ["", f"Run {i} ({_md(r.label)}):", "", "| edits | " + " | ".join(names) + " |",
-                      "|---" * (len(names) + 1) + "|"]
-            for p in r.curve:
-                lines.append(f"| {p.get('edits')} | " + " | ".join(fmt(p.get("post", {}).get(m)) for m in names) + " |")
+            lines += curve_table(i, r.label, r.curve, names)
     lines += beyond.markdown_sections(runs, charts)
     diffs = config_differences(runs)
     if diffs:
@@ -378,10 +375,7 @@ def bar_chart(runs: list[RunSummary], path: str | os.PathLike) -> Path | None:
         ax.set_title(CHART_METRICS[m], fontsize=10)
         ax.set_ylim(0, 1.15)
         ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-        ax.set_xticks(range(len(runs)), [str(i) for i in range(1, len(runs) + 1)])
-        ax.set_xlim(-0.6, len(runs) - 0.4)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
+        run_axis(ax, len(runs))
     grey = "#555555"
     fig.legend(handles=[Patch(color=grey, alpha=0.3, label="before edit"), Patch(color=grey, label="after edit")],
                loc="outside upper right", ncols=2, fontsize=9, frameon=False)

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from kedit.runs.figures import COLOURS, fmt, grid, legend_key, md, save_png
+from kedit.runs.figures import COLOURS, curve_table, fmt, grid, legend_key, md, run_axis, save_png
 
 __all__ = ["COST", "KINDS", "cost_chart", "cost_curve_chart", "generated_chart", "markdown_sections"]
 
@@ -117,11 +117,7 @@ def markdown_sections(runs: Sequence[Any], charts: dict[str, str]) -> list[str]:
             lines += ["", f"![perplexity and retained knowledge against the number of edits]({charts['cost_curve']})"]
         for i, r in curved:
             names = [m for m in COST if any(m in p.get("post", {}) for p in r.curve)]
-            lines += ["", f"Run {i + 1} ({md(r.label)}):", "", "| edits | " + " | ".join(names) + " |",
-                      "|---" * (len(names) + 1) + "|",
-                      "| 0 (before) | " + " | ".join(fmt(_value(r, "pre", m)) for m in names) + " |"]
-            for p in r.curve:
-                lines.append(f"| {p.get('edits')} | " + " | ".join(fmt(p.get("post", {}).get(m)) for m in names) + " |")
+            lines += curve_table(i + 1, r.label, r.curve, names, before={m: _value(r, "pre", m) for m in names})
     return lines
 
 
@@ -171,10 +167,7 @@ def generated_chart(runs: Sequence[Any], path: str | os.PathLike) -> Path | None
                     ax.plot([i + dx - w / 2, i + dx + w / 2], [pre, pre], color="black", linewidth=1.5)
         ax.set_title(f"{name}: teacher-forced vs generated", fontsize=10)
         ax.set_ylim(0, 1.15)
-        ax.set_xticks(range(len(runs)), [str(i) for i in range(1, len(runs) + 1)])
-        ax.set_xlim(-0.6, len(runs) - 0.4)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
+        run_axis(ax, len(runs))
     grey = "#555555"
     styles = [Patch(color=grey, label="teacher-forced, after"),
               Patch(facecolor="white", edgecolor=grey, hatch="//", label="generated (contains), after"),
@@ -207,10 +200,7 @@ def cost_chart(runs: Sequence[Any], path: str | os.PathLike) -> Path | None:
                         va="bottom", fontsize=8)
         ax.set_title(COST[m], fontsize=10)
         ax.set_ylim(0, 1.15 if m == "retained_acc" else 1.15 * top)
-        ax.set_xticks(range(len(runs)), [str(i) for i in range(1, len(runs) + 1)])
-        ax.set_xlim(-0.6, len(runs) - 0.4)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
+        run_axis(ax, len(runs))
     grey = "#555555"
     fig.legend(handles=[Patch(color=grey, alpha=0.3, label="before edit"), Patch(color=grey, label="after edit")],
                loc="outside upper right", ncols=2, fontsize=9, frameon=False)
