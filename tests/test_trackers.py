@@ -234,7 +234,7 @@ class Recorder:
 def test_reporter_logs_each_step_of_a_stream_once_across_restarts(tmp_path, monkeypatch):
     from kedit.runs import trackers
 
-    monkeypatch.setitem(trackers.ADAPTERS, "tensorboard", Recorder)
+    monkeypatch.setattr(trackers, "ADAPTERS", {**trackers.ADAPTERS, "tensorboard": Recorder})
     first = Reporter(["tensorboard"], tmp_path)
     first.start({"method": "rome"})
     for step in (1, 2):

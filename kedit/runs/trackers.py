@@ -27,6 +27,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Protocol
 
 STATE = "trackers.json"
@@ -172,7 +173,7 @@ def _mlflow_key(key: str) -> str:
 
 
 #: ``--report-to`` name -> adapter; the extra to install is the name.
-ADAPTERS: Mapping[str, type] = {"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow}
+ADAPTERS: Mapping[str, type] = MappingProxyType({"tensorboard": TensorBoard, "wandb": Wandb, "mlflow": Mlflow})
 
 
 def parse_report_to(values: Sequence[str] | None) -> list[str]:
