@@ -66,6 +66,11 @@ CostOpt = typer.Option(False, "--cost", help="also measure what editing costs th
                        "retained_acc on 200 shipped known facts")
 ChatOpt = typer.Option(False, "--chat-template", help="with --eval generate|all: ask through the model's chat template")
 PplTokensOpt = typer.Option(20000, "--ppl-tokens", help="with --cost: tokens of the WikiText-2 test split for ppl")
+ReportToOpt = typer.Option(None, "--report-to", help="log config, curve and final metrics to experiment trackers: "
+                           "tensorboard | wandb | mlflow (repeatable or a comma list; offline, files under the run "
+                           "directory)")
+ReportDirOpt = typer.Option(None, "--report-dir", help="with --report-to: where the trackers' files go (default: "
+                            "the run directory; a sweep: the sweep directory)")
 JudgeOpt = typer.Option(None, "--judge", help="with --eval generate|all: a local causal LM directory that grades "
                         "each answer yes/no (gen_*_judge)")
 
@@ -449,6 +454,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted bench run"),
           seed: int = typer.Option(0, "--seed"),
           stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
+          report_to: list[str] = ReportToOpt, report_dir: Optional[Path] = ReportDirOpt,
           device: str = DeviceOpt, dtype: str = DtypeOpt, device_map: Optional[str] = DeviceMapOpt):
     """Benchmark a method on CounterFact, zsRE, KnowEdit or the portability sets; resumable with --resume RUN_DIR."""
     args = dict(locals())
@@ -460,13 +466,16 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
 
 def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, sequential, checkpoint_every,
            generation, gen_tokens, reference, hparams, set_, data, editor, eval_mode, cost, chat_template,
-           ppl_tokens, judge, out, resume, seed, stats_dir, device, dtype, device_map, run_name=None):
+           ppl_tokens, judge, out, resume, seed, stats_dir, device, dtype, device_map, report_to=None,
+           report_dir=None, run_name=None, report_group=None):
     """The body of ``kedit bench``; ``group`` holds the process group until the command ends.
-    ``run_name``: the run directory's name under ``out`` (a sweep's point) instead of a new id."""
+    ``run_name``: the run directory's name under ``out`` (a sweep's point) instead of a new id;
+    ``report_group``: the trackers' group (the sweep's name)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from kedit.runs.bench import BenchError, get_benchmark, load_bench_config, load_benchmark, new_bench_dir, run_bench
     from kedit.runs.experiment import make_method, resolved_config
+    from kedit.runs.trackers import Reporter, TrackerError, parse_report_to
     from kedit.methods.base import RunContext
     from kedit.runs.rundir import new_run_id
     from kedit.util.launch import Launch, LaunchError
@@ -493,6 +502,8 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
             eval_mode, cost = ev_cfg.get("mode", "teacher"), ev_cfg.get("cost", False)
             chat_template, ppl_tokens = ev_cfg.get("chat_template", False), ev_cfg.get("ppl_tokens", 20000)
             judge = Path(ev_cfg["judge"]) if ev_cfg.get("judge") else None
+            report_to, report_dir = b.get("report_to") or [], b.get("report_dir")
+            report_dir = Path(report_dir) if report_dir else None
         else:
             if benchmark is None:
                 fail("give a benchmark (counterfact | zsre | knowedit | portability) or --resume RUN_DIR")
@@ -501,7 +512,10 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
         at_least(0, offset=offset)
         seed_range(seed)
         evaluation_options(eval_mode, cost, chat_template, ppl_tokens, judge)
-        writable(**({"resume": resume} if resume else {"out": out}), stats_dir=stats_dir)
+        trackers = parse_report_to(report_to)
+        if report_dir is not None and not trackers:
+            fail("--report-dir goes with --report-to")
+        writable(**({"resume": resume} if resume else {"out": out}), stats_dir=stats_dir, report_dir=report_dir)
         if checkpoint_every is not None and not sequential:
             fail("--checkpoint-every needs --sequential")
         if sequential and launch.sharded:
@@ -538,7 +552,7 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
         ctx = RunContext(stats_dir=stats_dir, seed=seed, progress=launch.main, log=say)
         meth, source = make_method(loaded, method, cfg["hparams_source"] if resume else str(hparams) if hparams else None,
                                    overrides, ctx)
-    except (BenchError, *user_errors()) as e:
+    except (BenchError, TrackerError, *user_errors()) as e:
         fail(str(e))
     method = meth.name                      # the canonical name, whatever spelling was typed
     try:
@@ -564,7 +578,8 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
                            "reference": str(reference) if reference else None,
                            "data": data, "note": bm.note, "fluency": bm.fluency or None, "device_map": device_map,
                            "evaluation": {"mode": eval_mode, "cost": cost, "chat_template": chat_template,
-                                          "ppl_tokens": ppl_tokens, "judge": str(judge) if judge else None}}
+                                          "ppl_tokens": ppl_tokens, "judge": str(judge) if judge else None},
+                           "report_to": trackers, "report_dir": str(report_dir) if report_dir else None}
         run_id = new_run_id(f"bench-{bm.label.replace('/', '-')}-{method}", loaded.name, config)
         try:
             run_dir = new_bench_dir(out, run_name or run_id, config)
@@ -573,6 +588,11 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
     run_dir = launch.share(run_dir)                  # the main process's directory, for every process
     say(f"{bm.note}; {len(cases)} cases -> {run_dir}"
         + (f" (sharded over {launch.world} processes)" if launch.sharded else ""))
+    reporter = None
+    if launch.main and trackers:                     # only the main process logs
+        reporter = Reporter(trackers, run_dir, report_dir=report_dir, group=report_group)
+        reporter.start(cfg if resume else config)
+        say(f"reporting to {', '.join(trackers)} (files under {report_dir or run_dir})")
     sums: dict[str, float] = {}
     count = [0]
     try:
@@ -597,13 +617,19 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
                 bar.update(task, advance=1, description=f"{label}  {means}")
             metrics = run_bench(meth, cases, run_dir, batch_size=batch_size, sequential=sequential,
                                 checkpoint_every=checkpoint_every, progress=on_case, extra_metrics=extra,
-                                evaluation=evaluation, launch=launch, planned=planned)
+                                evaluation=evaluation, launch=launch, planned=planned, reporter=reporter)
     except KeyboardInterrupt:
+        if reporter:
+            reporter.finish(None)
         if launch.main:
             err.print(f"interrupted: resume with  kedit bench --resume {run_dir}")
         raise typer.Exit(130)
     except (BenchError, *user_errors()) as e:
+        if reporter:
+            reporter.finish(None)
         fail(str(e))
+    if reporter:
+        reporter.finish(metrics)
     if metrics is None:                                # not the main process: it merged and prints
         return
     t = Table(title=f"{bm.label}: {metrics['n']} cases, {method} on {loaded.name} (mean ± stderr)")
@@ -643,6 +669,7 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted sweep"),
           seed: int = typer.Option(0, "--seed"),
           stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
+          report_to: list[str] = ReportToOpt, report_dir: Optional[Path] = ReportDirOpt,
           device: str = DeviceOpt, dtype: str = DtypeOpt):
     """A grid over methods × hyperparameter values, each point a bench run (split over processes like one);
     resumable with --resume SWEEP_DIR."""
@@ -653,6 +680,7 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
     from kedit.runs.rundir import new_run_id, unique_run_id
     from kedit.runs.sweep import (SweepError, TABLE, grid_points, hyperparameter_names, load_spec, parse_grid,
                                   point_state, save_spec, write_summary)
+    from kedit.runs.trackers import TrackerError, parse_report_to
     from kedit.util.launch import Launch, LaunchError
 
     try:
@@ -660,20 +688,25 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         if resume:
             spec = load_spec(resume)
             sweep_dir = Path(resume)
+            parse_report_to(spec["bench"].get("report_to"))    # its trackers' libraries, before any work
         else:
             if benchmark is None or not methods:
                 fail("give a benchmark and at least one --method (or --resume SWEEP_DIR)")
             at_least(1, n=n, batch_size=batch_size)
             at_least(0, offset=offset)
             seed_range(seed)
-            writable(out=out, stats_dir=stats_dir)
+            trackers = parse_report_to(report_to)
+            if report_dir is not None and not trackers:
+                fail("--report-dir goes with --report-to")
+            writable(out=out, stats_dir=stats_dir, report_dir=report_dir)
             bm = get_benchmark(benchmark, subset)
             classes = [get_method(m) for m in methods]
             names = [c.name for c in classes]
             axes = parse_grid(list(grid or []), names, {c.name: hyperparameter_names(c) for c in classes})
             spec = {"benchmark": benchmark, "subset": subset, "methods": names, "grid": axes,
                     "bench": {"model": model, "n": n, "offset": offset, "batch_size": batch_size, "data": data,
-                              "seed": seed, "stats_dir": stats_dir, "device": device, "dtype": dtype},
+                              "seed": seed, "stats_dir": stats_dir, "device": device, "dtype": dtype,
+                              "report_to": trackers, "report_dir": str(report_dir) if report_dir else None},
                     "command": " ".join(["kedit", *sys.argv[1:]])}
             sweep_dir = None
             if launch.main:
@@ -681,7 +714,7 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                 sweep_dir = root / unique_run_id(root, new_run_id(f"sweep-{bm.label.replace('/', '-')}", model, spec))
                 sweep_dir.mkdir(parents=True)
                 save_spec(sweep_dir, spec)
-    except (SweepError, BenchError, LaunchError, *user_errors()) as e:
+    except (SweepError, BenchError, LaunchError, TrackerError, *user_errors()) as e:
         fail(str(e))
     points = grid_points(spec["methods"], spec["grid"])
     say = _say if launch.main else _quiet
@@ -704,7 +737,9 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                        chat_template=False, ppl_tokens=20000, judge=None, out=sweep_dir,
                        resume=sweep_dir / p.name if state == "partial" else None, seed=b["seed"],
                        stats_dir=b["stats_dir"], device=b["device"], dtype=b["dtype"], device_map=None,
-                       run_name=p.name)
+                       report_to=b.get("report_to"),
+                       report_dir=Path(b.get("report_dir") or sweep_dir) if b.get("report_to") else None,
+                       run_name=p.name, report_group=sweep_dir.name)
             except typer.Exit as e:
                 if e.exit_code == 130 and launch.main:
                     err.print(f"interrupted: resume the sweep with  kedit sweep --resume {sweep_dir}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 import tempfile
 
 import pytest
@@ -104,6 +105,13 @@ def mkstemp_denied(mp, where):
     mp.setattr(tempfile, "mkstemp", mkstemp)
 
 
+def not_installed(module: str):
+    """A fault: ``module`` cannot be imported (an optional library that is not installed)."""
+    def install(mp, where):
+        mp.setitem(sys.modules, module, None)
+    return install
+
+
 M = ["--model", "{model}", "--device", "cpu"]
 EDIT = ["edit", "{cases}", *M, "--hparams", "{hp}", "--gen-tokens", "0"]
 TRACE = ["trace", *M, "--prompt", "The capital city of France", "--subject", "France", "--samples", "1",
@@ -121,6 +129,10 @@ ROWS = [
      False),
     ("sweep-out-is-a-file", ["sweep", "counterfact", "--method", "rome", *M, "--out", "{file}"], "--out", None, False),
     ("sweep-resume-not-a-sweep", ["sweep", "--resume", "{run}"], "not a kedit sweep directory", None, False),
+    ("sweep-report-to-unknown", ["sweep", "counterfact", "--method", "rome", *M, "--report-to", "comet",
+                                 "--out", "{out}"], "--report-to comet: unknown tracker", None, False),
+    ("sweep-report-to-not-installed", ["sweep", "counterfact", "--method", "rome", *M, "--report-to", "mlflow",
+                                       "--out", "{out}"], "pip install 'kedit[mlflow]'", not_installed("mlflow"), False),
     # usage errors of click itself, any command
     ("usage-unknown-option", ["edit", "{cases}", "--methd", "rome"], "No such option: --methd", None, False),
     ("usage-not-a-number", ["bench", "counterfact", "-n", "abc"], "'-n'", None, False),
@@ -196,6 +208,14 @@ ROWS = [
                      "--out", "{out}"], "'v_loss_layer': layer 5", None, False),
     ("bench-too-many-tokens", ["bench", "counterfact", "-n", "1", *M, "--hparams", "{hp}", "--generation",
                                "--gen-tokens", str(10 ** 9), "--out", "{out}"], "--gen-tokens", None, False),
+    ("bench-report-to-unknown", ["bench", "counterfact", "-n", "1", *M, "--hparams", "{hp}", "--report-to",
+                                 "tensorboard,comet", "--out", "{out}"], "--report-to comet: unknown tracker", None,
+     False),
+    ("bench-report-to-not-installed", ["bench", "counterfact", "-n", "1", *M, "--hparams", "{hp}", "--report-to",
+                                       "wandb", "--out", "{out}"], "pip install 'kedit[wandb]'", not_installed("wandb"),
+     False),
+    ("bench-report-dir-alone", ["bench", "counterfact", "-n", "1", *M, "--hparams", "{hp}", "--report-dir", "{out}",
+                                "--out", "{out}"], "--report-dir goes with --report-to", None, False),
     ("bench-out-is-a-file", ["bench", "counterfact", "-n", "1", *M, "--hparams", "{hp}", "--out", "{file}"], "--out",
      None, False),
     ("bench-disk-full", ["bench", "counterfact", "-n", "1", *M, "--hparams", "{hp}", "--out", "{out}"],

@@ -193,7 +193,7 @@ def load_checkpoint(run_dir: Path) -> tuple[int, SiteStates, dict[str, torch.Ten
 
 def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
                     checkpoint_every: int | None, progress: Callable[[dict], None] | None, extra_metrics,
-                    evaluation=None, planned: Callable[[int, int], None] | None = None) -> dict:
+                    evaluation=None, planned: Callable[[int, int], None] | None = None, reporter=None) -> dict:
     log, curve_log = run_dir / "results.jsonl", run_dir / CURVE
     saved = load_checkpoint(run_dir)
     resume = None
@@ -216,6 +216,8 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
             append_record(log, rec)
         edits[0] += len(recs)
         save_checkpoint(run_dir, edits[0], sites, method.state())
+        if reporter:
+            reporter.log({"post": metrics_summary(recs)["post"]}, edits[0], "edits")
         for rec in recs:
             if progress:
                 progress(rec)
@@ -223,6 +225,8 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
     def on_point(point: dict) -> None:
         append_record(curve_log, point)
         curve.append(point)
+        if reporter:
+            reporter.log({"curve": point["post"]}, point["edits"], "curve")
 
     result = run_edits(method, cases, sequential=True, batch_size=size, checkpoint_every=checkpoint_every,
                        on_checkpoint=on_point, on_batch=on_batch, resume=resume, extra_metrics=extra_metrics,
@@ -240,7 +244,8 @@ def _run_sequential(method, cases: Sequence[EditCase], run_dir: Path, size: int,
 def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: int | None = None,
               sequential: bool = False, checkpoint_every: int | None = None,
               progress: Callable[[dict], None] | None = None, extra_metrics=None, evaluation=None,
-              launch: Launch | None = None, planned: Callable[[int, int], None] | None = None) -> dict | None:
+              launch: Launch | None = None, planned: Callable[[int, int], None] | None = None,
+              reporter=None) -> dict | None:
     """Edit and evaluate ``cases``, appending each finished case to ``run_dir/results.jsonl``.
 
     Cases already in the log (from an interrupted run) are skipped (sequential runs go
@@ -253,7 +258,9 @@ def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: i
     (:mod:`kedit.runs.shard`) and the main process merges the logs and writes
     ``metrics.json``, which it returns (the other processes return None).
     ``planned(done, mine)`` is told, before any editing, how many cases were already done
-    and how many this process will edit.
+    and how many this process will edit.  ``reporter`` (:class:`kedit.runs.trackers.Reporter`,
+    sequential runs): each checkpoint's post metrics (``post/*``, the batch just edited) and
+    each curve point (``curve/*``) are logged at step = the number of edits so far.
     """
     run_dir = Path(run_dir)
     launch = launch or Launch()
@@ -264,7 +271,7 @@ def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: i
             raise BenchError(f"--sequential: edits accumulate in one model and cannot be split over "
                              f"{launch.world} processes (run it with one process)")
         return _run_sequential(method, cases, run_dir, size, checkpoint_every, progress, extra_metrics, evaluation,
-                               planned)
+                               planned, reporter)
     if checkpoint_every:
         raise BenchError("--checkpoint-every needs --sequential (independent edits have no accumulated state)")
     if launch.main:
