@@ -17,8 +17,8 @@ For layer l_i (ascending, i = 0 .. m−1):
           projection's output o (at the fact token, averaged over the context prefixes as the
           keys are) and J⁺ its pseudo-inverse.  An RMSNorm is blind to the direction
           of o itself (J o = 0), so J⁺ R has no component along o; without this mapping a
-          change written for the residual stream arrives scaled by gain / rms(o) -- for
-          Gemma-3 270M a factor of 0.002-0.3 -- and MEMIT-style edits barely move the model;
+          change written for the residual stream arrives scaled by gain / rms(o) and
+          MEMIT-style edits miss their targets (docs/models.md, Gemma-3);
     ΔW  = ``layer_update(l_i, R, K)``       (MEMIT's least squares, AlphaEdit's null-space
           projection, EMMET's equality constraints ...),
 
