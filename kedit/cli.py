@@ -678,7 +678,7 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
     from kedit.methods.registry import get_method
     from kedit.runs.bench import BenchError, get_benchmark
     from kedit.runs.rundir import new_run_id, unique_run_id
-    from kedit.runs.sweep import (SweepError, TABLE, grid_points, hyperparameter_names, load_spec, parse_grid,
+    from kedit.runs.sweep import (REPORT, SweepError, TABLE, grid_points, hyperparameter_names, load_spec, parse_grid,
                                   point_state, save_spec, write_summary)
     from kedit.runs.trackers import TrackerError, parse_report_to
     from kedit.util.launch import Launch, LaunchError
@@ -748,7 +748,7 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
         return
     table = write_summary(sweep_dir, points)
     console.print(table, highlight=False, markup=False)
-    console.print(f"sweep: [bold]{sweep_dir}[/bold]  ({TABLE}; each point a bench run directory)")
+    console.print(f"sweep: [bold]{sweep_dir}[/bold]  ({TABLE}, {REPORT}/report.md; each point a bench run directory)")
 
 
 # --------------------------------------------------------------------------- compare-gen, apply, runs, report

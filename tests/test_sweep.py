@@ -52,6 +52,9 @@ def test_sweep_resumes_and_each_point_is_a_bench_run(tiny_bench, monkeypatch):
     assert len(calls) == 2                                # point 1 skipped, point 2 done once
     table = (sweep_dir / "sweep.md").read_text()
     assert "| 1 | rome | v_lr=0.1, layer=1" in table and "| 2 | rome | v_lr=0.5, layer=1" in table
+    # and one kedit report over the points, the runs told apart by the swept value
+    report = (sweep_dir / "report" / "report.md").read_text()
+    assert "v_lr=0.1" in report and "v_lr=0.5" in report and (sweep_dir / "report" / "report.png").exists()
     # a point is the bench run of its hyperparameters
     res = runner.invoke(app, ["bench", "counterfact", *common, "-n", "2", "--method", "rome", "--set", "v_lr=0.5",
                               "--set", "layer=1", "--set", "mom2_adjustment=false", "--set", "v_num_grad_steps=5",

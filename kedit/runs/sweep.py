@@ -30,6 +30,7 @@ from kedit.runs.rundir import write_text
 
 SPEC = "sweep.yaml"
 TABLE = "sweep.md"
+REPORT = "report"           # kedit report over the finished points
 HEADLINE = ("rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc", "efficacy_success",
             "paraphrase_success", "neighborhood_success", "score")
 
@@ -160,7 +161,13 @@ def summary(sweep_dir: Path, points: list[Point]) -> str:
 
 
 def write_summary(sweep_dir: Path, points: list[Point]) -> str:
-    """Write ``sweep.md`` (atomic) and return its text."""
+    """Write ``sweep.md`` (atomic) and ``report/`` (``kedit report`` over the finished points:
+    report.md and its charts) and return the summary's text."""
+    from kedit.runs.report import write_report
+
     text = summary(sweep_dir, points)
     write_text(Path(sweep_dir) / TABLE, text)
+    done = [Path(sweep_dir) / p.name for p in points if (Path(sweep_dir) / p.name / "metrics.json").exists()]
+    if done:
+        write_report(done, Path(sweep_dir) / REPORT)
     return text
