@@ -92,3 +92,31 @@ def test_bench_with_a_device_map_scores_as_without(models):
         if name == "spread":
             assert "model.layers.0: disk" in (run / "config.yaml").read_text()
     assert got["plain"] == got["spread"]
+
+
+@pytest.mark.parametrize("method, hp", [
+    ("ft_m", {"layers": [1], "num_steps": 5, "lr": 1e-2}),
+    ("grace", {"layer": 1, "n_iter": 10}),
+    ("wise", {"layer": 1, "n_iter": 5}),
+    ("ike", {"k": 2}),
+])
+def test_other_kinds_edit_a_dispatched_model_as_the_model_on_one_device(models, method, hp):
+    """Weight, memory and context edits: the same scores with block 0 offloaded."""
+    import yaml
+
+    plain, spread, tmp = models
+    hp_file = tmp / f"{method}.yaml"            # a whole file: no shipped config names the tiny model
+    hp_file.write_text(yaml.safe_dump(hp))
+    runs = [kedit.edit(m, CASES, method, str(hp_file), stats_dir=str(tmp / f"stats{i}"))
+            for i, m in enumerate((plain, spread))]
+    assert runs[0].metrics == runs[1].metrics
+
+
+def test_lora_on_a_dispatched_model_is_refused_before_any_work(models):
+    import yaml
+
+    _, spread, tmp = models
+    hp_file = tmp / "lora.yaml"
+    hp_file.write_text(yaml.safe_dump({"num_steps": 5, "variant": "lora", "layers": [1, 2]}))
+    with pytest.raises(ConfigError, match="--device-map is not supported"):
+        kedit.edit(spread, CASES, "lora", str(hp_file))

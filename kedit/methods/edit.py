@@ -557,24 +557,30 @@ class ContextEdit(Edit):
     @classmethod
     def restore(cls, model: torch.nn.Module, site: str, state: SiteState) -> None:
         if state.info.get("absent"):
-            for attr in ("forward", "_kedit_context", "_kedit_context_text"):
-                if attr in model.__dict__:
-                    delattr(model, attr)
+            if "_kedit_forward_before" in model.__dict__:
+                before = model.__dict__.pop("_kedit_forward_before")
+                model.__dict__.pop("forward", None)
+                if before is not None:             # a forward someone else put there (accelerate's hooks)
+                    model.forward = before
+            for attr in ("_kedit_context", "_kedit_context_text"):
+                model.__dict__.pop(attr, None)
             return
         cls._put(model, state.tensors["ids"], state.info.get("text", ""))
 
     @staticmethod
     def _put(model: torch.nn.Module, ids: torch.Tensor, text: str) -> None:
-        if "forward" not in model.__dict__:
-            original = type(model).forward.__get__(model)
+        if "_kedit_forward_before" not in model.__dict__:
+            # wrap the forward the model has now: its class's, or one an instance attribute put
+            # there (accelerate's device-map hooks), which revert puts back
+            before = model.__dict__.get("forward")
+            original = before if before is not None else type(model).forward.__get__(model)
             wrapped = functools.wraps(original)(functools.partial(_forward_with_context, model, original))
+            model._kedit_forward_before = before
             model.forward = wrapped
         model._kedit_context = ids.clone()
         model._kedit_context_text = text
 
     def install(self, model: torch.nn.Module) -> None:
-        if "forward" in model.__dict__ and getattr(model, "_kedit_context", None) is None:
-            raise EditError("the model's forward is already replaced by something other than a kedit context")
         self._put(model, self.ids, self.text)
 
     def is_empty(self) -> bool:

@@ -299,8 +299,9 @@ def _bases_in_place(model: torch.nn.Module, wrappers: dict[str, LoraWrapper]):
 
 def _fingerprint(model: torch.nn.Module) -> tuple:
     """What must come back unchanged: the module tree, every tensor's identity, storage and
-    version counter (an in-place write bumps it), the training flags and the attributes."""
-    tensors = [(n, id(t), t.data_ptr(), t._version) for n, t in
+    version counter (an in-place write bumps it; inference tensors, such as the weights
+    accelerate loads for an offloaded module, have none), the training flags and the attributes."""
+    tensors = [(n, id(t), t.data_ptr(), None if t.is_inference() else t._version) for n, t in
                [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]]
     return ([(n, id(m), m.training) for n, m in model.named_modules()], tensors, sorted(model.__dict__))
 
@@ -354,7 +355,12 @@ class LoRA(Method):
         return paths
 
     def check(self) -> None:
-        """The projections ``layers`` and ``target_modules`` name exist and are linear."""
+        """The projections ``layers`` and ``target_modules`` name exist and are linear; the model
+        is on one device (peft's training on a model that accelerate dispatched over devices
+        does not hand it back unchanged, so it is refused rather than risked)."""
+        if (self.loaded.info or {}).get("device_map"):
+            raise ConfigError("lora: a model placed with --device-map is not supported (peft's adapter "
+                              "training changes a dispatched model); load it on one device")
         try:
             self.target_paths()
         except EditError as e:
