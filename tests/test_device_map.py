@@ -96,12 +96,13 @@ def test_bench_with_a_device_map_scores_as_without(models):
 
 @pytest.mark.parametrize("method, hp", [
     ("ft_m", {"layers": [1], "num_steps": 5, "lr": 1e-2}),
+    ("lora", {"num_steps": 5, "variant": "lora", "layers": [1, 2]}),
     ("grace", {"layer": 1, "n_iter": 10}),
     ("wise", {"layer": 1, "n_iter": 5}),
     ("ike", {"k": 2}),
 ])
 def test_other_kinds_edit_a_dispatched_model_as_the_model_on_one_device(models, method, hp):
-    """Weight, memory and context edits: the same scores with block 0 offloaded."""
+    """Weight, adapter, memory and context edits: the same scores with block 0 offloaded."""
     import yaml
 
     plain, spread, tmp = models
@@ -112,11 +113,11 @@ def test_other_kinds_edit_a_dispatched_model_as_the_model_on_one_device(models, 
     assert runs[0].metrics == runs[1].metrics
 
 
-def test_lora_on_a_dispatched_model_is_refused_before_any_work(models):
+def test_an_adapter_on_an_offloaded_layer_is_refused_before_any_work(models):
     import yaml
 
     _, spread, tmp = models
-    hp_file = tmp / "lora.yaml"
-    hp_file.write_text(yaml.safe_dump({"num_steps": 5, "variant": "lora", "layers": [1, 2]}))
-    with pytest.raises(ConfigError, match="--device-map is not supported"):
+    hp_file = tmp / "lora-all.yaml"                 # every layer: block 0 is offloaded
+    hp_file.write_text(yaml.safe_dump({"num_steps": 5, "variant": "lora"}))
+    with pytest.raises(ConfigError, match="offloaded by the device map"):
         kedit.edit(spread, CASES, "lora", str(hp_file))

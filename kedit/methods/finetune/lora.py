@@ -299,9 +299,10 @@ def _bases_in_place(model: torch.nn.Module, wrappers: dict[str, LoraWrapper]):
 
 def _fingerprint(model: torch.nn.Module) -> tuple:
     """What must come back unchanged: the module tree, every tensor's identity, storage and
-    version counter (an in-place write bumps it; inference tensors, such as the weights
-    accelerate loads for an offloaded module, have none), the training flags and the attributes."""
-    tensors = [(n, id(t), t.data_ptr(), None if t.is_inference() else t._version) for n, t in
+    version counter (an in-place write bumps it), the training flags and the attributes.  An
+    offloaded module's tensors (``meta``: accelerate puts its weights in for each call and
+    takes them out again) count only by name."""
+    tensors = [(n, "meta") if t.device.type == "meta" else (n, id(t), t.data_ptr(), t._version) for n, t in
                [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]]
     return ([(n, id(m), m.training) for n, m in model.named_modules()], tensors, sorted(model.__dict__))
 
@@ -352,15 +353,15 @@ class LoRA(Method):
             base = m.base if isinstance(m, LoraWrapper) else m
             if not hasattr(base, "weight") or base.weight.dim() != 2:
                 raise EditError(f"module '{path}' ({type(base).__name__}) is not a linear projection")
+            if base.weight.device.type == "meta":
+                raise EditError(f"module '{path}' is offloaded by the device map (its weights are loaded only "
+                                "for each call) and cannot carry an adapter: put its layer on a device, or "
+                                "name the layers to adapt with 'layers'")
         return paths
 
     def check(self) -> None:
-        """The projections ``layers`` and ``target_modules`` name exist and are linear; the model
-        is on one device (peft's training on a model that accelerate dispatched over devices
-        does not hand it back unchanged, so it is refused rather than risked)."""
-        if (self.loaded.info or {}).get("device_map"):
-            raise ConfigError("lora: a model placed with --device-map is not supported (peft's adapter "
-                              "training changes a dispatched model); load it on one device")
+        """The projections ``layers`` and ``target_modules`` name exist, are linear, and are not
+        offloaded by a device map."""
         try:
             self.target_paths()
         except EditError as e:
