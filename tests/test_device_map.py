@@ -100,9 +100,12 @@ def test_bench_with_a_device_map_scores_as_without(models):
     ("grace", {"layer": 1, "n_iter": 10}),
     ("wise", {"layer": 1, "n_iter": 5}),
     ("ike", {"k": 2}),
+    ("mend", {"layers": [1, 2], "editor": "untrained", "edit_lr": 0.5}),
+    ("serac", {"editor": "untrained", "cntr_layers": [1, 2]}),
 ])
 def test_other_kinds_edit_a_dispatched_model_as_the_model_on_one_device(models, method, hp):
-    """Weight, adapter, memory and context edits: the same scores with block 0 offloaded."""
+    """Weight, adapter, memory, context and learned edits (MEND, SERAC with untrained editors):
+    the same scores with block 0 offloaded."""
     import yaml
 
     plain, spread, tmp = models
@@ -121,3 +124,13 @@ def test_an_adapter_on_an_offloaded_layer_is_refused_before_any_work(models):
     hp_file.write_text(yaml.safe_dump({"num_steps": 5, "variant": "lora"}))
     with pytest.raises(ConfigError, match="offloaded by the device map"):
         kedit.edit(spread, CASES, "lora", str(hp_file))
+
+
+def test_serac_refuses_a_counterfactual_change_on_an_offloaded_layer(models):
+    import yaml
+
+    _, spread, tmp = models
+    hp_file = tmp / "serac.yaml"                    # cntr_layers: every layer, block 0 offloaded
+    hp_file.write_text(yaml.safe_dump({"editor": "untrained"}))
+    with pytest.raises(ConfigError, match="offloaded by the device map"):
+        kedit.edit(spread, CASES, "serac", str(hp_file))

@@ -519,9 +519,17 @@ class SERAC(Method):
         return SeracLearner(loaded, params, seed)
 
     def check(self) -> None:
-        """The trained editor exists, is one of this method's and was trained for this model."""
+        """The trained editor exists, is one of this method's and was trained for this model;
+        no layer the counterfactual change writes is offloaded by a device map."""
         if self.params.editor != "untrained":
             editor_path(self.name, self.params.editor, self.loaded)
+        if self.params.cntr_rank > 0:
+            layers = self.params.cntr_layers
+            for layer in (layers if layers is not None else range(self.adapter.n_layers)):
+                if 0 <= layer < self.adapter.n_layers and self.adapter.offloaded(layer):
+                    raise ConfigError(f"'cntr_layers': layer {layer} is offloaded by the device map and cannot "
+                                      "carry the counterfactual change: name the layers with 'cntr_layers' "
+                                      "or put them on a device")
 
     def prepare(self) -> None:
         if self._state is not None:
