@@ -120,14 +120,20 @@ def writable(**paths: Path | str | None) -> None:
                 fail(str(e))
 
 
-def refuse_launch(command: str) -> None:
-    """Commands that write one run from one process refuse a multi-process launch (one line)."""
+def this_launch():
+    """This process's place under a launcher (:class:`kedit.util.launch.Launch`; alone when
+    started without one); a launcher environment that cannot be read is one line."""
     from kedit.util.launch import Launch, LaunchError
 
     try:
-        launch = Launch.from_env()
+        return Launch.from_env()
     except LaunchError as e:
         fail(str(e))
+
+
+def refuse_launch(command: str) -> None:
+    """Commands that write one run from one process refuse a multi-process launch (one line)."""
+    launch = this_launch()
     if launch.sharded:
         fail(f"{command} runs in one process (WORLD_SIZE={launch.world}); `kedit bench` is what splits cases "
              "over processes")
@@ -478,12 +484,7 @@ def _bench(group, *, benchmark, subset, method, model, n, offset, batch_size, se
     from kedit.runs.trackers import Reporter, TrackerError, parse_report_to
     from kedit.methods.base import RunContext
     from kedit.runs.rundir import new_run_id
-    from kedit.util.launch import Launch, LaunchError
-
-    try:
-        launch = Launch.from_env()
-    except LaunchError as e:
-        fail(str(e))
+    launch = this_launch()
     say = _say if launch.main else _quiet
     try:
         if resume:
@@ -681,10 +682,8 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
     from kedit.runs.sweep import (REPORT, SweepError, TABLE, grid_points, hyperparameter_names, load_spec, parse_grid,
                                   point_state, save_spec, write_summary)
     from kedit.runs.trackers import TrackerError, parse_report_to
-    from kedit.util.launch import Launch, LaunchError
-
+    launch = this_launch()
     try:
-        launch = Launch.from_env()
         if resume:
             spec = load_spec(resume)
             sweep_dir = Path(resume)
@@ -714,7 +713,7 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
                 sweep_dir = root / unique_run_id(root, new_run_id(f"sweep-{bm.label.replace('/', '-')}", model, spec))
                 sweep_dir.mkdir(parents=True)
                 save_spec(sweep_dir, spec)
-    except (SweepError, BenchError, LaunchError, TrackerError, *user_errors()) as e:
+    except (SweepError, BenchError, TrackerError, *user_errors()) as e:
         fail(str(e))
     points = grid_points(spec["methods"], spec["grid"])
     say = _say if launch.main else _quiet

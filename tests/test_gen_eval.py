@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from fakes import PeekLM, TableLM, word_tokenizer
-from tiny import save_tiny_model_dir, tiny_model
+from tiny import fact_world, tiny_model
 from typer.testing import CliRunner
 
 import kedit.evaluation.generation as generation_mod
@@ -286,15 +286,7 @@ def test_evaluation_options():
 @pytest.fixture()
 def tiny_cli(tmp_path, monkeypatch):
     monkeypatch.setenv("KEDIT_HOME", str(tmp_path / "home"))
-    d = save_tiny_model_dir(tmp_path / "tiny-llama")
-    cases = tmp_path / "cases.jsonl"
-    cases.write_text("".join(json.dumps(
-        {"case_id": f"c{i}", "prompt": f"A fact about {s}", "subject": s, "target_new": "of", "ground_truth": "the",
-         "rephrase_prompts": [f"Another fact about {s}"],
-         "locality": {"n": {"prompt": f"Nothing about {s}", "ground_truth": "and"}}}) + "\n"
-        for i, s in enumerate(["France", "Lionel Messi", "Tokyo"])))
-    hp = tmp_path / "ft.yaml"
-    hp.write_text(yaml.safe_dump({"layers": [1], "num_steps": 3, "lr": 0.5}))
+    d, cases, hp = fact_world(tmp_path)
     return d, cases, hp, tmp_path
 
 

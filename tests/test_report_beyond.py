@@ -5,11 +5,8 @@ chart, and the cost along the sequential run; teacher-forced runs get none of th
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import yaml
-from tiny import save_tiny_model_dir
+from tiny import fact_world
 from typer.testing import CliRunner
 
 from kedit.cli import app
@@ -25,15 +22,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("beyond")
     mp = pytest.MonkeyPatch()
     mp.setenv("KEDIT_HOME", str(tmp / "home"))
-    d = save_tiny_model_dir(tmp / "tiny-llama")
-    cases = tmp / "cases.jsonl"
-    cases.write_text("".join(json.dumps(
-        {"case_id": f"c{i}", "prompt": f"A fact about {s}", "subject": s, "target_new": "of", "ground_truth": "the",
-         "rephrase_prompts": [f"Another fact about {s}"],
-         "locality": {"n": {"prompt": f"Nothing about {s}", "ground_truth": "and"}}}) + "\n"
-        for i, s in enumerate(["France", "Lionel Messi", "Tokyo"])))
-    hp = tmp / "ft.yaml"
-    hp.write_text(yaml.safe_dump({"layers": [1], "num_steps": 3, "lr": 0.5}))
+    d, cases, hp = fact_world(tmp)
     common = ["--method", "ft_m", "--model", str(d), "--hparams", str(hp), "--device", "cpu"]
     made = {}
     for name, args in (("edit", ["edit", str(cases), *common, "--eval", "all", "--cost", "--ppl-tokens", "300",

@@ -128,3 +128,23 @@ def save_tiny_model_dir(path, family: str = "llama", seed: int = 0):
     loaded.model.save_pretrained(path)
     loaded.tokenizer.save_pretrained(path)
     return path
+
+
+def fact_world(root):
+    """A tiny llama directory, three cases (rephrasing and one locality prompt each) and a
+    short FT-M hyperparameter file under ``root``: ``(model_dir, cases_file, hparams_file)``
+    for tests that drive the CLI end to end.  Set KEDIT_HOME before calling."""
+    import json
+
+    import yaml
+
+    d = save_tiny_model_dir(root / "tiny-llama")
+    cases = root / "cases.jsonl"
+    cases.write_text("".join(json.dumps(
+        {"case_id": f"c{i}", "prompt": f"A fact about {s}", "subject": s, "target_new": "of", "ground_truth": "the",
+         "rephrase_prompts": [f"Another fact about {s}"],
+         "locality": {"n": {"prompt": f"Nothing about {s}", "ground_truth": "and"}}}) + "\n"
+        for i, s in enumerate(["France", "Lionel Messi", "Tokyo"])))
+    hp = root / "ft.yaml"
+    hp.write_text(yaml.safe_dump({"layers": [1], "num_steps": 3, "lr": 0.5}))
+    return d, cases, hp
