@@ -41,7 +41,6 @@ the tokens it would otherwise: same targets up to float rounding (tested per fam
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from kedit.models.cache import cache_arg
 from kedit.models.hooks import edit_output, record, replay_from, run_until_stopped
 from kedit.data.cases import EditRequest
 from kedit.methods.core.keys import Row, _chunks, batch_tensors, pad_id, target_rows
@@ -133,8 +133,7 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
     for r in rows:
         (n_rewrite if r.kind == "rewrite" else n_kl)[r.request] += 1
 
-    # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_arg(model.forward)
     first_cached = edit_layer if replay else 0  # blocks that run at every step
     cached_layers = range(first_cached, loss_layer + 1)
     # Sliding-window attention (Gemma-3) counts its window in cache slots: a row's cached prefix
@@ -189,12 +188,12 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         extra: dict = {"use_cache": False}
         if suffix_only:
             ids, mask, positions, cache = suffix_inputs(chunk, row_ids)
-            extra = {"position_ids": positions, cache_arg: cache, "use_cache": True}
+            extra = {"position_ids": positions, cache_name: cache, "use_cache": True}
         else:
             ids, mask = batch_tensors(chunk, pad_id(tok), device)
             if opts.prefix_cache:
                 cache = DynamicCache()
-                extra = {cache_arg: cache, "use_cache": True}
+                extra = {cache_name: cache, "use_cache": True}
         look = torch.tensor([r.lookup - s0 for r, s0 in zip(chunk, start)], device=device)
         req = torch.tensor([r.request for r in chunk], device=device)
         arange = torch.arange(len(chunk), device=device)

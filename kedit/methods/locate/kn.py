@@ -53,7 +53,6 @@ single-token answers, and adds the first target token's embedding.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -68,6 +67,7 @@ from kedit.methods.base import Delta, Method
 from kedit.methods.core.keys import key_rows
 from kedit.methods.core.templates import context_templates
 from kedit.methods.registry import register
+from kedit.models.cache import cache_arg
 from kedit.models.hooks import edit_input, record
 from kedit.models.tokens import encode_prompt_target
 
@@ -133,12 +133,12 @@ class KN(Method):
             model(input_ids=ids_t, use_cache=False)
         base = torch.stack([seen[str(layer)][0, -1].float() for layer in self.layers])      # (L, d_key)
         P = len(ids) - 1
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache_name = cache_arg(model.forward)
         prefix = None
         if P > 0:
             prefix = DynamicCache()
             with torch.no_grad():
-                model(input_ids=ids_t[:, :P], **{cache_arg: prefix}, use_cache=True)
+                model(input_ids=ids_t[:, :P], **{cache_name: prefix}, use_cache=True)
         alphas = torch.arange(1, p.steps + 1, dtype=torch.float32, device=device) / p.steps
         pairs = [(li, k) for li in range(len(self.layers)) for k in range(p.steps)]
         grads = torch.zeros_like(base)
@@ -155,7 +155,7 @@ class KN(Method):
             if prefix is not None:
                 data = [(layer.keys.expand(B, *layer.keys.shape[1:]).contiguous(),
                          layer.values.expand(B, *layer.values.shape[1:]).contiguous()) for layer in prefix.layers]
-                extra = {cache_arg: DynamicCache(ddp_cache_data=data), "use_cache": True,
+                extra = {cache_name: DynamicCache(ddp_cache_data=data), "use_cache": True,
                          "position_ids": torch.full((B, 1), P, device=device)}
 
             def replace(li: int):
