@@ -123,7 +123,8 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
     replay = opts.replay and edit_layer > 0
     row_input: dict[int, torch.Tensor] = {}     # row index -> residual stream entering the edited block
     structure: list = []                        # one real output of the block below (its shape of object)
-    rows = target_rows(tok, requests, templates, position, [p for p in opts.kl_prompts])
+    # without a KL term its rows would only be computed and multiplied by zero
+    rows = target_rows(tok, requests, templates, position, list(opts.kl_prompts) if opts.kl_factor else [])
     n = len(requests)
     loss_layer = adapter.n_layers - 1 if opts.loss_layer < 0 else adapter.check_layer(opts.loss_layer)
     loss_block = adapter.block(loss_layer)
