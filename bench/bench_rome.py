@@ -1,9 +1,10 @@
 """ROME benchmark: where the time goes per edit, and edit quality per layer.
 
     python bench/bench_rome.py [--cases cases/anchor-31.jsonl] [--layers 5] [-n 31]
-                               [--device auto] [--dtype float32] [--set key=value ...]
+                               [--seeds 0] [--device auto] [--dtype float32] [--set key=value ...]
 
-Prints, per layer: statistics time, median / mean edit time split into key / target
+Prints, per layer and seed (the seed draws the context prefixes) and, with several seeds,
+the mean over them: statistics time, median / mean edit time split into key / target
 optimisation / update, evaluation time per case, gradient steps used, the EasyEdit token
 accuracies and CounterFact scores (mean pre -> post), and peak RSS.  Timings are printed,
 never asserted (see tests/ for behaviour).
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--stats-dir", default=None)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (the context prefixes)")
     ap.add_argument("--set", action="append", default=[], help="hyperparameter override key=value")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args()
@@ -54,8 +56,9 @@ def main() -> None:
     rows = []
     print(f"model {args.model} on {loaded.device} ({args.dtype}), load {t_load:.1f} s, {len(cases)} cases "
           f"from {args.cases}")
-    for layer in [int(x) for x in args.layers.split(",")]:
-        ctx = RunContext(stats_dir=args.stats_dir, progress=False)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for layer, seed in [(lay, sd) for lay in (int(x) for x in args.layers.split(",")) for sd in seeds]:
+        ctx = RunContext(stats_dir=args.stats_dir, seed=seed, progress=False)
         method, _ = make_method(loaded, "rome", None, {**overrides, "layer": layer}, ctx)
         t0 = time.perf_counter()
         method.prepare()
@@ -64,7 +67,7 @@ def main() -> None:
         recs = result.records
         edit = [r["time"].get("key", 0) + r["time"].get("target", 0) + r["time"].get("update", 0) for r in recs]
         row = {
-            "layer": layer, "prepare_s": t_prep, "edit_median_s": statistics.median(edit),
+            "layer": layer, "seed": seed, "prepare_s": t_prep, "edit_median_s": statistics.median(edit),
             "edit_mean_s": statistics.mean(edit),
             "key_s": statistics.mean(r["time"].get("key", 0) for r in recs),
             "target_s": statistics.mean(r["time"].get("target", 0) for r in recs),
@@ -75,7 +78,7 @@ def main() -> None:
             "post": {m: result.metrics["post"].get(m) for m in METRICS},
         }
         rows.append(row)
-        print(f"\nlayer {layer}: prepare (stats + prefixes) {t_prep:.1f} s; edit median {row['edit_median_s']:.2f} s "
+        print(f"\nlayer {layer}, seed {seed}: prepare (stats + prefixes) {t_prep:.1f} s; edit median {row['edit_median_s']:.2f} s "
               f"(mean {row['edit_mean_s']:.2f}: key {row['key_s']:.2f} + target {row['target_s']:.2f} + update "
               f"{row['update_s']:.3f}); eval {row['eval_s']:.2f} s/case; steps {row['steps_mean']:.1f}")
         for m in METRICS:
@@ -83,6 +86,17 @@ def main() -> None:
             if a is not None or b is not None:
                 print(f"  {m:22s} {a if a is None else f'{a:.3f}'} -> {b if b is None else f'{b:.3f}'}")
         sys.stdout.flush()
+    if len(seeds) > 1:
+        for layer in sorted({r["layer"] for r in rows}):
+            mine = [r for r in rows if r["layer"] == layer]
+            print(f"\nlayer {layer}, mean over seeds {args.seeds}: edit median "
+                  f"{statistics.mean(r['edit_median_s'] for r in mine):.2f} s, steps "
+                  f"{statistics.mean(r['steps_mean'] for r in mine):.1f}")
+            for m in METRICS:
+                post = [r["post"][m] for r in mine if r["post"][m] is not None]
+                if post:
+                    print(f"  {m:22s} {statistics.mean(post):.3f}  (per seed: "
+                          f"{' '.join(f'{x:.3f}' for x in post)})")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS {rss:.0f} MiB")
     if args.json:
