@@ -24,18 +24,26 @@ def test_replaying_lower_blocks_changes_nothing(family, where):
     adapter = loaded.adapter
     module = adapter.mlp_out(1) if where == "mlp_out" else adapter.block(1)
     opts = TargetOptions(steps=4, lr=0.5, early_stop_loss=0.0)
-    calls = {"n": 0}
-    h = adapter.mlp(0).register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    calls = {"bottom": 0, "top": 0}
+
+    def count(name):
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+    hooks = [adapter.mlp(0).register_forward_hook(count("bottom")),
+             adapter.mlp(adapter.n_layers - 1).register_forward_hook(count("top"))]
     try:
         fast = optimise_targets(loaded, REQUESTS, TEMPLATES, module, "subject_last", opts)
-        runs_fast = calls["n"]
-        calls["n"] = 0
+        runs_fast, top_fast = calls["bottom"], calls["top"]
+        calls.update(bottom=0, top=0)
         slow = optimise_targets(loaded, REQUESTS, TEMPLATES, module, "subject_last",
                                 dataclasses.replace(opts, replay=False))
-        runs_slow = calls["n"]
+        runs_slow, top_slow = calls["bottom"], calls["top"]
     finally:
-        h.remove()
-    assert runs_fast == 1 and runs_slow == opts.steps + 1   # block 0 ran once vs at every step
+        for h in hooks:
+            h.remove()
+    # block 0 ran once (the initial pass) vs in every forward of every step
+    assert top_fast == top_slow >= opts.steps + 1
+    assert runs_fast == 1 and runs_slow == top_slow
     assert torch.allclose(fast.delta, slow.delta, atol=1e-5, rtol=1e-4)
     assert fast.steps == slow.steps
     assert fast.nll == pytest.approx(slow.nll, rel=1e-4, abs=1e-6)
@@ -101,3 +109,21 @@ def test_early_stop_on_nll_or_on_the_whole_loss():
     # ... which "total" does not accept: it runs every step
     assert on_total.steps[0] == opts.steps - 1 and on_total.loss[0] > opts.early_stop_loss
     assert not torch.equal(on_total.delta, on_nll.delta)
+
+
+def test_step_chunks_group_rows_by_suffix_length():
+    """A step runs rows from their fact token on; rows are grouped by that length so no chunk
+    pads a one-token KL row to a ten-token rewrite row (unless the model has sliding windows)."""
+    from kedit.methods.core.keys import Row
+    from kedit.methods.core.values import _step_chunks
+
+    rows = [Row(0, tuple(range(8)), 5), Row(0, tuple(range(6)), 5), Row(1, tuple(range(9)), 6),
+            Row(1, tuple(range(12)), 4), Row(1, tuple(range(7)), 6)]       # suffixes 3, 1, 3, 8, 1
+    opts = TargetOptions()
+    grouped = [ids for _, ids in _step_chunks(rows, [0, 1, 2, 3, 4], opts, by_length=True)]
+    assert grouped == [[1, 4], [0, 2], [3]]
+    for chunk, ids in _step_chunks(rows, [0, 1, 2, 3, 4], opts, by_length=True):
+        assert len({len(r.ids) - r.lookup for r in chunk}) == 1 and [rows[j] for j in ids] == chunk
+    assert [ids for _, ids in _step_chunks(rows, [0, 2, 3], opts, by_length=False)] == [[0, 2, 3]]
+    small = dataclasses.replace(opts, batch_tokens=16)     # a group is still cut to the budget (2 x 9 > 16)
+    assert [ids for _, ids in _step_chunks(rows, [0, 2], small, by_length=True)] == [[0], [2]]

@@ -95,6 +95,25 @@ def _loss_positions(rows: Sequence[Row]) -> tuple[list[int], list[int], list[int
     return rr, pos, lab, own
 
 
+def _step_chunks(rows: Sequence[Row], idx: Sequence[int], opts: TargetOptions, by_length: bool):
+    """The rows ``idx`` of a gradient step as (rows, row ids) chunks.  With the prefix cache a
+    step runs each row from its fact token on, so with ``by_length`` rows are grouped by that
+    suffix's length (a batch of requests mixes suffixes of 1 to ~10 tokens; padded to the
+    longest, a third of a step's tokens were padding); each group is cut into chunks under
+    ``batch_tokens``.  Sliding-window models keep the rows in one group: a chunk of KL rows
+    alone (one-token suffixes) did not reproduce the full forward there (tests/test_values.py)."""
+    if not (opts.prefix_cache and by_length):
+        groups = [list(idx)]
+    else:
+        by_len: dict[int, list[int]] = {}
+        for j in idx:
+            by_len.setdefault(len(rows[j].ids) - rows[j].lookup, []).append(j)
+        groups = [by_len[k] for k in sorted(by_len)]
+    for group in groups:
+        for start, chunk in _chunks([rows[j] for j in group], opts.batch_tokens):
+            yield chunk, group[start: start + len(chunk)]
+
+
 def block_index(adapter, module: torch.nn.Module) -> int:
     """The layer whose block is or contains ``module``."""
     for layer in range(adapter.n_layers):
@@ -276,13 +295,12 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         idx = [j for j, r in enumerate(rows) if active[r.request]]
         if not idx:
             break
-        chunk_rows = [rows[j] for j in idx]
         nll = torch.zeros(n)
         kl = torch.zeros(n)
         opt.zero_grad(set_to_none=False)
         with torch.set_grad_enabled(update):
-            for start, chunk in _chunks(chunk_rows, opts.batch_tokens):
-                logp, rr, lab, _ = forward(chunk, delta, idx[start: start + len(chunk)])
+            for chunk, chunk_ids in _step_chunks(rows, idx, opts, by_length=not align_right):
+                logp, rr, lab, _ = forward(chunk, delta, chunk_ids)
                 owner = torch.tensor([chunk[int(j)].request for j in rr])
                 is_tok = lab >= 0
                 # NLL terms: -log p(token) / (tokens in its row · rewrite rows of its request)
@@ -293,7 +311,7 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
                 # KL terms: KL(P_δ ‖ P_0) at the fact token of each KL row / KL rows of its request
                 kl_pos = (~is_tok).nonzero().flatten()
                 if len(kl_pos):
-                    init = torch.stack([kl_init[idx[start + int(rr[m])]] for m in kl_pos])
+                    init = torch.stack([kl_init[chunk_ids[int(rr[m])]] for m in kl_pos])
                     new = logp[kl_pos.to(device)]
                     kl_terms = (new.exp() * (new - init)).sum(-1) * opts.kl_factor / n_kl[owner[kl_pos]].to(device)
                 else:
