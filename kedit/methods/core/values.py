@@ -35,7 +35,9 @@ attention is causal.  The initial pass keeps their attention keys/values (a KV c
 row, for the blocks that run at every step); each step then runs only the positions from
 the fact token on, attending to that cache (``prefix_cache``).  With ten-token context
 prefixes the fact token sits near the end of every row, so a step computes a quarter of
-the tokens it would otherwise: same targets up to float rounding (tested per family).
+the tokens it would otherwise: same targets up to float rounding (tested per family).  A
+step runs its rows in groups of equal suffix length (``_step_chunks``), so a batch of
+requests does not pad one-token KL rows and short suffixes to its longest.
 """
 
 from __future__ import annotations
