@@ -8,7 +8,8 @@ ROME edits ``--rome`` cases one at a time.  Printed per row: seconds for the edi
 (split into target optimisation / keys / update), edits per second, evaluation seconds
 per case, mean gradient steps, efficacy / neighbourhood success pre -> post, and the
 process's peak RSS at the end; then each row's metrics after the edit.  Statistics and
-context prefixes are prepared before the clock starts (``prepare`` is timed separately).  Timings are printed, never asserted.
+context prefixes are prepared before the clock starts (``prepare`` is timed separately).
+Timings are printed, never asserted.
 """
 
 from __future__ import annotations
