@@ -18,6 +18,19 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass once everything needed is recorded."""
 
 
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires grad inside the block; each flag is restored after
+    (methods that optimise their own tensors keep the model's weights out of autograd)."""
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
 def _first_tensor(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, tuple) else x
 

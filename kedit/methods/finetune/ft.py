@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -57,6 +56,7 @@ from torch.func import functional_call
 from kedit.methods.base import Delta, EditRequest, Method
 from kedit.methods.core.keys import Row, batch_tensors, pad_id
 from kedit.methods.registry import register
+from kedit.models.hooks import frozen
 from kedit.models.tokens import encode_prompt_target
 
 Objective = Literal["prompt_last", "target_new"]
@@ -150,18 +150,6 @@ def below(eps: float, dtype: torch.dtype) -> float:
     if float(x) > eps:
         x = torch.nextafter(x, torch.zeros_like(x))
     return float(x)
-
-
-@contextmanager
-def frozen(model: torch.nn.Module):
-    """No parameter of ``model`` requires grad inside; the flags are restored after."""
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
 
 
 class FineTune(Method):

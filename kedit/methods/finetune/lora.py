@@ -113,9 +113,10 @@ import torch.nn.functional as F
 from kedit.methods.base import EditRequest, Method, ModuleEdit
 from kedit.methods.core.keys import batch_tensors, pad_id
 from kedit.methods.edit import EditError, EditWrapper, WrapperSpec
-from kedit.methods.finetune.ft import edit_rows, frozen, loss_terms, per_row_loss
+from kedit.methods.finetune.ft import edit_rows, loss_terms, per_row_loss
 from kedit.config import ConfigError
 from kedit.methods.registry import register
+from kedit.models.hooks import frozen
 
 Variant = Literal["adalora", "lora"]
 

@@ -82,7 +82,7 @@ from kedit.methods.base import Delta, EditRequest, Method
 from kedit.methods.core.keys import pad_id
 from kedit.methods.learned.trainer import LearnCase, editor_path, resolve_editor
 from kedit.methods.registry import register
-from kedit.models.hooks import record, replay_from, run_until_stopped
+from kedit.models.hooks import frozen, record, replay_from, run_until_stopped
 from kedit.models.tokens import encode_prompt_target, pad_batch
 
 
@@ -297,17 +297,6 @@ def row_nll(logits_at: torch.Tensor, terms, n_rows: int) -> torch.Tensor:
     total = torch.zeros(n_rows, device=logp.device).index_add(0, r, -logp)
     count = torch.zeros(n_rows, device=logp.device).index_add(0, r, torch.ones_like(logp))
     return total / count
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
 
 
 @contextlib.contextmanager

@@ -106,7 +106,7 @@ import torch.nn.functional as F
 from kedit.methods.base import EditRequest, Method, ModuleEdit
 from kedit.methods.edit import EditError, EditWrapper, WrapperSpec
 from kedit.methods.registry import register
-from kedit.models.hooks import record, replay_from, run_until_stopped
+from kedit.models.hooks import frozen, record, replay_from, run_until_stopped
 from kedit.models.tokens import encode_prompt_target
 
 Replacement = Literal["last", "prompt"]
@@ -321,17 +321,6 @@ def codebook_update(state: dict[str, torch.Tensor], key: torch.Tensor, label: to
 # ======================================================================== the method
 
 
-@contextlib.contextmanager
-def _frozen(model: torch.nn.Module):
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags[n])
-
-
 def _init_seed(seed: int, request: EditRequest) -> int:
     return zlib.crc32(f"{seed}\x00{request.prompt}\x00{request.target_new}".encode())
 
@@ -377,7 +366,7 @@ class Grace(Method):
             trainer.load_wrapper_state(state)
         try:
             setattr(parent, attr, trainer)
-            with _frozen(model):
+            with frozen(model):
                 for r in requests:
                     cases.append(self._edit_one(r, trainer, base))
         finally:

@@ -163,9 +163,8 @@ from kedit.methods.base import EditRequest, Method, ModuleEdit
 from kedit.methods.core.keys import Row, batch_tensors, pad_id
 from kedit.methods.core.templates import context_templates, fill
 from kedit.methods.edit import EditWrapper, WrapperSpec
-from kedit.methods.finetune.ft import frozen
 from kedit.methods.registry import register
-from kedit.models.hooks import record, replay_from, run_until_stopped
+from kedit.models.hooks import frozen, record, replay_from, run_until_stopped
 from kedit.models.tokens import encode_prompt_target
 from kedit.util.paths import package_data
 
