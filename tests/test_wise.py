@@ -18,6 +18,7 @@ from kedit.methods.base import EditRequest, RunContext
 from kedit.methods.memory.wise import (Wise, WiseParams, WiseState, WiseWrapper, pack_mask, ties_merge,
                                        unpack_mask)
 from kedit.methods.registry import get_method
+from kedit.models.hooks import record
 from kedit.util.paths import configs_dir
 from tiny import tiny_model
 
@@ -104,6 +105,30 @@ def test_unrelated_prompt_goes_through_the_main_memory_bit_identically(edited):
         edit.revert(loaded.model)
     assert torch.equal(got_unrelated, base_unrelated)
     assert not torch.allclose(got_edit, base_edit)
+
+
+def test_a_neighbour_sharing_the_edit_prompts_tokens_is_routed_to_the_side_memory(edited):
+    """The limit of WISE's router that keeps its CounterFact locality below GRACE's: the
+    score is the mean of the per-token change ``‖ΔW a_t‖`` over the input's tokens, so a
+    prompt that differs from the edit prompt in one subject token clears act_ratio × the
+    edit's own score, and gets the edit, while an unrelated prompt does not."""
+    loaded, edit, _ = edited
+    neighbour = EDIT_PROMPT.replace("France", "Spain")
+    assert neighbour != EDIT_PROMPT
+    edit.apply(loaded.model)
+    try:
+        w = wrapper_of(loaded)
+        scores, route = [], []
+        for prompt in (EDIT_PROMPT, neighbour, UNRELATED):
+            with record({"w": w}) as got:
+                logits(loaded, [prompt])
+            scores.append(float(w.scores(got["w"])[0][0, 0]))
+            route.append(int(w.last_route[0]))
+        threshold = float(w.thresholds()[0])
+    finally:
+        edit.revert(loaded.model)
+    assert route == [0, 0, -1]
+    assert scores[1] > threshold > scores[2] and scores[1] > 0.9 * scores[0]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
