@@ -1,4 +1,5 @@
-"""Trace and edit the inputs/outputs of named modules; stop a forward pass early.
+"""Trace and edit the inputs/outputs of named modules; stop a forward pass early; keep a
+model's weights out of autograd for a block (:func:`frozen`).
 
 Every method and the statistics code read activations through these context managers,
 so hooks are always removed, even when the forward pass raises.
