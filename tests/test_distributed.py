@@ -34,6 +34,21 @@ def torchrun(args: list[str], *, nproc: int = 2, script: str | None = None, time
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def same_science(got: dict, want: dict) -> bool:
+    """The metrics of two runs of the same cases agree: post-edit scores, counts and every
+    other field exactly; the pre-edit scores (and their standard errors) to float rounding.
+    Each process scores its own cases before editing in batches of those cases, and on some
+    CPUs a batch of another shape rounds differently in the last digits (seen: a pre-edit
+    probability, scored alone instead of in a batch of five, moved in its seventh digit)."""
+    pre = lambda m: {"pre": m["pre"], "stderr": m["stderr"]["pre"]}
+    rest = lambda m: {**{k: v for k, v in m.items() if k not in ("pre", "stderr")},
+                      "stderr": {k: v for k, v in m["stderr"].items() if k != "pre"}}
+    a, b = pre(got), pre(want)
+    return rest(got) == rest(want) and a.keys() == b.keys() and all(
+        a[k].keys() == b[k].keys() and all(v == pytest.approx(b[k][m], rel=1e-6, abs=1e-9) for m, v in a[k].items())
+        for k in a)
+
+
 def one_run(root: Path) -> Path:
     (run,) = [p for p in root.iterdir() if p.is_dir()]
     return run
@@ -48,8 +63,8 @@ def test_two_processes_write_the_run_one_process_writes(tiny_bench):
     proc = torchrun([*args, "--out", str(tmp / "two")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = one_run(tmp / "two")
-    assert science(json.loads((run / "metrics.json").read_text())) == \
-        science(json.loads((want / "metrics.json").read_text()))
+    assert same_science(science(json.loads((run / "metrics.json").read_text())),
+                        science(json.loads((want / "metrics.json").read_text())))
     recs, base = read_results(run / "results.jsonl"), read_results(want / "results.jsonl")
     assert [(r["case_id"], r["batch"]) for r in recs] == [(r["case_id"], r["batch"]) for r in base]
     assert [r["post"] for r in recs] == [r["post"] for r in base]
@@ -86,7 +101,7 @@ def test_cut_runs_resume_with_another_process_count(tiny_bench, monkeypatch):
     assert sorted(calls) == sorted({"c0", "c1", "c2", "c3", "c4"} - logged)   # each missing case once
     recs = read_results(run / "results.jsonl")
     assert [r["case_id"] for r in recs] == ["c0", "c1", "c2", "c3", "c4"] and not list(run.glob("results.rank*"))
-    assert science(json.loads((run / "metrics.json").read_text())) == want
+    assert same_science(science(json.loads((run / "metrics.json").read_text())), want)
 
     # two process logs left as a kill leaves them, one torn mid-line -> one process
     (run / "metrics.json").unlink()
@@ -99,7 +114,7 @@ def test_cut_runs_resume_with_another_process_count(tiny_bench, monkeypatch):
     assert calls == ["c3", "c4"]                                  # nothing done twice
     assert [r["case_id"] for r in read_results(run / "results.jsonl")] == ["c0", "c1", "c2", "c3", "c4"]
     assert not list(run.glob("results.rank*"))
-    assert science(json.loads((run / "metrics.json").read_text())) == want
+    assert same_science(science(json.loads((run / "metrics.json").read_text())), want)
 
 
 def test_sequential_runs_and_bad_launch_environments_refuse(tiny_bench, monkeypatch):
