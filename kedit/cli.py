@@ -1000,7 +1000,7 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
           model: str = ModelOpt,
           data: str = typer.Option("counterfact", "--data", help="counterfact | zsre | a cases FILE (with rephrasings "
                                    "and locality prompts)"),
-          steps: Optional[int] = typer.Option(None, "--steps", help="optimiser steps (default: the config's)"),
+          steps: Optional[int] = typer.Option(None, "--steps", help="optimiser steps (default: the config's); with --resume, a new budget for the run"),
           val_every: Optional[int] = typer.Option(None, "--val-every", help="validate every K steps"),
           hparams: Optional[Path] = typer.Option(None, "--hparams", help="hyperparameter YAML"),
           set_: list[str] = typer.Option(None, "--set", help="override one hyperparameter: key=value"),
@@ -1015,8 +1015,9 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from kedit.config import check_layers, resolve_params
-    from kedit.methods.learned.trainer import (cases_from_split, new_run_dir, read_config, run_config,
-                                               settings_from, train_editor, training_split, write_config)
+    from kedit.methods.learned.trainer import (cases_from_split, checkpoint_step, new_run_dir, read_config,
+                                               run_config, settings_from, train_editor, training_split,
+                                               write_config)
     from kedit.methods.registry import get_method
     from kedit.util.atomic import write_text
 
@@ -1028,7 +1029,12 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
             cfg = read_config(resume)
             method, data, seed = cfg["method"], cfg["data"], cfg["seed"]
             model, device, dtype = cfg["model"]["name"], cfg["model"]["device"], cfg["model"]["dtype"]
-            overrides, hparams = cfg["hparams"], None
+            overrides, hparams = dict(cfg["hparams"]), None
+            if val_every is not None:
+                fail(f"--resume {resume}: --val-every cannot change on resume (the validation steps choose the "
+                     "best editor and stop early); start a new run")
+            if steps is not None:       # a new budget: the batches depend on seed and step only
+                overrides["steps"] = steps
         elif method is None:
             fail("give a method (mend | serac) or --resume RUN")
         else:
@@ -1047,6 +1053,11 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
                      f"'{model}' now has {loaded.fingerprint}")
             split = cases_from_split(data, json.loads((Path(resume) / "split.json").read_text()))
             run_dir = Path(resume)
+            if steps is not None and steps != cfg["hparams"].get("steps"):
+                at = checkpoint_step(run_dir)
+                if at is not None and steps < at:
+                    fail(f"--resume {resume}: --steps {steps} is below the step its checkpoint reached ({at})")
+                write_config(run_dir, {**cfg, "hparams": {**cfg["hparams"], "steps": steps}})
         else:
             split = training_split(data, params.val_cases, params.max_train)
         learner = cls.learner(loaded, params, seed)

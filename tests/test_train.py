@@ -111,6 +111,30 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_editor(setup, monkeypatch):
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
 
 
+def test_resume_with_a_new_budget_equals_a_run_with_that_budget(setup):
+    """--resume RUN --steps N continues a finished (or cut) run to N steps: the batches depend
+    on seed and step only, so it ends with the editor of an uninterrupted N-step run."""
+    tmp, args = setup
+    every = ["--val-every", "2"]
+    for name, steps in (("short", "4"), ("long", "8")):
+        res = runner.invoke(app, [*args, "--steps", steps, *every, "--out", str(tmp / name)])
+        assert res.exit_code == 0, res.output
+    short, long = one_run(tmp / "short"), one_run(tmp / "long")
+    assert not same_tensors(short / "checkpoint.safetensors", long / "checkpoint.safetensors")
+    res = runner.invoke(app, ["train", "--resume", str(short), "--steps", "2"])
+    assert res.exit_code == 2 and "below the step its checkpoint reached (4)" in res.output
+    res = runner.invoke(app, ["train", "--resume", str(short), "--steps", "8", "--val-every", "4"])
+    assert res.exit_code == 2 and "--val-every cannot change on resume" in res.output
+    assert yaml.safe_load((short / "config.yaml").read_text())["hparams"]["steps"] == 4    # refused: untouched
+    res = runner.invoke(app, ["train", "--resume", str(short), "--steps", "8"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((short / "config.yaml").read_text())["hparams"]["steps"] == 8
+    assert same_tensors(short / "editor.safetensors", long / "editor.safetensors")
+    assert same_tensors(short / "checkpoint.safetensors", long / "checkpoint.safetensors")
+    assert (short / "curve.jsonl").read_text() == (long / "curve.jsonl").read_text()
+    assert json.loads((short / "summary.json").read_text())["steps"] == 8
+
+
 def test_same_seed_same_editor_other_seed_another(setup):
     tmp, args = setup
     short = ["--steps", "4", "--val-every", "2"]

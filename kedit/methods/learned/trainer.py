@@ -477,6 +477,17 @@ def load_checkpoint(run_dir: Path, learner: Learner, opt: torch.optim.Optimizer)
     return _State(**json.loads(meta["state"]))
 
 
+def checkpoint_step(run_dir: Path) -> int | None:
+    """The step of a training run's checkpoint (None without one), read from its metadata only."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return int(json.loads((f.metadata() or {})["state"])["step"])
+
+
 def _log(run_dir: Path, msg: str) -> None:
     stamp = _dt.datetime.now().strftime("%H:%M:%S")
     with refused_as(run_dir / "log.txt"), open(run_dir / "log.txt", "a", encoding="utf-8") as f:
