@@ -1034,6 +1034,9 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
                 fail(f"--resume {resume}: --val-every cannot change on resume (the validation steps choose the "
                      "best editor and stop early); start a new run")
             if steps is not None:       # a new budget: the batches depend on seed and step only
+                at = checkpoint_step(Path(resume))
+                if at is not None and steps < at:
+                    fail(f"--resume {resume}: --steps {steps} is below the step its checkpoint reached ({at})")
                 overrides["steps"] = steps
         elif method is None:
             fail("give a method (mend | serac) or --resume RUN")
@@ -1054,9 +1057,6 @@ def train(method: Optional[str] = typer.Argument(None, help="a trained method: m
             split = cases_from_split(data, json.loads((Path(resume) / "split.json").read_text()))
             run_dir = Path(resume)
             if steps is not None and steps != cfg["hparams"].get("steps"):
-                at = checkpoint_step(run_dir)
-                if at is not None and steps < at:
-                    fail(f"--resume {resume}: --steps {steps} is below the step its checkpoint reached ({at})")
                 write_config(run_dir, {**cfg, "hparams": {**cfg["hparams"], "steps": steps}})
         else:
             split = training_split(data, params.val_cases, params.max_train)

@@ -13,6 +13,7 @@ import yaml
 from tiny import save_tiny_model_dir
 from typer.testing import CliRunner
 
+import kedit.cli
 from kedit.cli import app
 from kedit.methods.learned.mend import MendLearner
 from kedit.methods.learned.trainer import batch_at, load_tensors, training_split
@@ -111,9 +112,10 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_editor(setup, monkeypatch):
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
 
 
-def test_resume_with_a_new_budget_equals_a_run_with_that_budget(setup):
+def test_resume_with_a_new_budget_equals_a_run_with_that_budget(setup, monkeypatch):
     """--resume RUN --steps N continues a finished (or cut) run to N steps: the batches depend
-    on seed and step only, so it ends with the editor of an uninterrupted N-step run."""
+    on seed and step only, so it ends with the editor of an uninterrupted N-step run. A budget
+    below the checkpoint is refused before any model is loaded."""
     tmp, args = setup
     every = ["--val-every", "2"]
     for name, steps in (("short", "4"), ("long", "8")):
@@ -121,8 +123,11 @@ def test_resume_with_a_new_budget_equals_a_run_with_that_budget(setup):
         assert res.exit_code == 0, res.output
     short, long = one_run(tmp / "short"), one_run(tmp / "long")
     assert not same_tensors(short / "checkpoint.safetensors", long / "checkpoint.safetensors")
+    load = kedit.cli._load
+    monkeypatch.setattr(kedit.cli, "_load", lambda *a, **k: pytest.fail("model loaded before the check"))
     res = runner.invoke(app, ["train", "--resume", str(short), "--steps", "2"])
     assert res.exit_code == 2 and "below the step its checkpoint reached (4)" in res.output
+    monkeypatch.setattr(kedit.cli, "_load", load)
     res = runner.invoke(app, ["train", "--resume", str(short), "--steps", "8", "--val-every", "4"])
     assert res.exit_code == 2 and "--val-every cannot change on resume" in res.output
     assert yaml.safe_load((short / "config.yaml").read_text())["hparams"]["steps"] == 4    # refused: untouched

@@ -238,6 +238,14 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
         save_file(tensors, str(tmp), metadata=_meta(meta))
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string header of a safetensors file; no tensor is read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
@@ -260,15 +268,14 @@ def save_editor(path: Path, learner: Learner, model: dict[str, Any], step: int, 
 def read_editor_header(path: Path, method: str) -> dict[str, Any]:
     """The header of an editor file (or of a training run directory holding one), checked:
     cheap, no tensor is read."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     path = Path(path)
     file = path / EDITOR_FILE if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"editor {path}: no {EDITOR_FILE} there (a `kedit train {method}` run directory)")
     try:
-        with safe_open(str(file), framework="pt") as f:
-            raw = f.metadata() or {}
+        raw = read_metadata(file)
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"editor {file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     if raw.get("kedit") != "editor":
@@ -479,13 +486,10 @@ def load_checkpoint(run_dir: Path, learner: Learner, opt: torch.optim.Optimizer)
 
 def checkpoint_step(run_dir: Path) -> int | None:
     """The step of a training run's checkpoint (None without one), read from its metadata only."""
-    from safetensors import safe_open
-
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        return int(json.loads((f.metadata() or {})["state"])["step"])
+    return int(json.loads(read_metadata(path)["state"])["step"])
 
 
 def _log(run_dir: Path, msg: str) -> None:
