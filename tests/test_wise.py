@@ -15,10 +15,10 @@ from kedit.config import ConfigError, build_params, load_params
 from kedit.data.cases import EditCase
 from kedit.evaluation import evaluate_cases
 from kedit.methods.base import EditRequest, RunContext
-from kedit.methods.memory.wise import (Wise, WiseParams, WiseState, WiseWrapper, pack_mask, ties_merge,
-                                       unpack_mask)
+from kedit.methods.memory.wise import (Wise, WiseParams, WiseState, WiseWrapper, _residual_change, pack_mask,
+                                       ties_merge, unpack_mask)
 from kedit.methods.registry import get_method
-from kedit.models.hooks import record
+from kedit.models.hooks import edit_output, record
 from kedit.util.paths import configs_dir
 from tiny import tiny_model
 
@@ -403,3 +403,35 @@ def test_params_are_checked_and_the_shipped_config_loads():
     with pytest.raises(ConfigError, match="merge_freq"):
         build_params(WiseParams, {"merge_freq": 0}, "test")
     assert get_method("wise").kind == "memory"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_training_replays_a_memory_change_as_the_block_adds_it(family):
+    """A step feeds the blocks above the block's output with the side memory's change: for
+    Gemma that change passes the post-feed-forward norm, as it does when the memory answers."""
+    loaded = tiny_model(family)
+    a, layer = loaded.adapter, 1
+    ids = loaded.tokenizer(UNRELATED + " through the old city", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), record({"m": a.mlp_out(layer)}, inputs=False) as m, \
+            record({"h": a.block(layer)}, inputs=False) as h0:
+        loaded.model(input_ids=ids)
+    change = torch.randn(m["m"].shape, generator=torch.Generator().manual_seed(0)) * m["m"].std()
+    with torch.no_grad(), edit_output(a.mlp_out(layer), lambda out: out + change), \
+            record({"h": a.block(layer)}, inputs=False) as h1:
+        loaded.model(input_ids=ids)
+    with torch.no_grad():
+        replayed = h0["h"] + _residual_change(a.mlp_out_norm(layer), m["m"])(change)
+    assert torch.allclose(replayed, h1["h"], atol=1e-5)
+    assert torch.allclose(h0["h"] + change, h1["h"], atol=1e-5) == (family == "llama")
+
+
+def test_edit_flips_the_target_on_gemma():
+    loaded = tiny_model("gemma3")
+    pre = evaluate_cases(loaded.model, loaded.tokenizer, [CASE])[0][0]["rewrite_acc"]
+    edit = method(loaded).compute([EditRequest.from_case(CASE)])
+    edit.apply(loaded.model)
+    try:
+        post = evaluate_cases(loaded.model, loaded.tokenizer, [CASE])[0][0]["rewrite_acc"]
+    finally:
+        edit.revert(loaded.model)
+    assert pre == 0.0 and post == 1.0

@@ -84,10 +84,12 @@ and the shard number), so a shard writes only its own random subset of entries; 
 the shard updates ``min_e Δ_act(e)``.
 
 Cheap steps: the projection's input ``a_t`` does not depend on ``W'``, so one forward
-pass (main memory) records ``a_t`` for every row and the residual stream ``h`` leaving
-block ``layer``; a step then feeds ``h + ΔW a`` to the blocks above (``hooks.replay_from``),
-stops after the last block, and applies the final norm and the head at the target
-positions only.  The irrelevant rows need no forward at all, only ``Δ(x_k)``.
+pass (main memory) records ``a_t`` for every row, the projection's output ``m`` and the
+residual stream ``h`` leaving block ``layer``; a step then feeds ``h + ΔW a`` to the blocks
+above (``hooks.replay_from``), stops after the last block, and applies the final norm and the
+head at the target positions only.  Where the MLP output reaches the residual stream through
+its own norm N (Gemma's post-feed-forward RMSNorm) the block adds ``N(m + ΔW a) − N(m)``
+instead, exactly what it adds when the side memory answers.  The irrelevant rows need no forward at all, only ``Δ(x_k)``.
 
 Shards and merging (EasyEdit's WISE-Merge)
 ------------------------------------------
@@ -151,13 +153,14 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kedit.methods.base import EditRequest, Method, ModuleEdit
 from kedit.methods.core.keys import Row, batch_tensors, pad_id
@@ -476,6 +479,16 @@ def _masked_mean_norm(change: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return (change.float().norm(dim=-1) * v).sum(-1) / v.sum(-1).clamp_min(1.0)
 
 
+def _residual_change(norm: nn.Module | None, m0: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What a change ``c`` of the projection's output ``m0`` adds to the block's output: ``c``
+    itself, or ``norm(m0 + c) − norm(m0)`` where the MLP output reaches the residual stream
+    through its own norm (Gemma's post-feed-forward RMSNorm)."""
+    if norm is None:
+        return lambda c: c
+    base = norm(m0)
+    return lambda c: norm(m0 + c.to(m0.dtype)) - base
+
+
 def _hinge_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of the positive entries (0 when none), EasyEdit's way of averaging margins."""
     pos = x > 0
@@ -617,13 +630,14 @@ class Wise(Method):
         valid = attn.bool()
         n = len(rows)
 
-        # One pass through the main memory: the projection's input for every row, the
-        # residual stream leaving block L (edit rows), and a block output's structure.
+        # One pass through the main memory: the projection's input for every row, its output
+        # and the residual stream leaving block L (edit rows), and a block output's structure.
         block = adapter.block(L)
         structure: list = []
         hook = block.register_forward_hook(lambda _m, _a, out: structure.append(out) if not structure else None)
         try:
             with torch.no_grad(), record({"a": adapter.mlp_out(L)}, inputs=True) as seen_in, \
+                    record({"m": adapter.mlp_out(L)}, inputs=False) as seen_mlp, \
                     record({"h": block}, inputs=False, stop_after=block) as seen_out:
                 run_until_stopped(lambda: model(input_ids=ids, attention_mask=attn, use_cache=False))
         finally:
@@ -631,6 +645,7 @@ class Wise(Method):
         acts = seen_in["a"].float()
         a_edit, a_irr = acts[:n], acts[n:]
         h0 = seen_out["h"][:n]
+        residual_change = _residual_change(adapter.mlp_out_norm(L), seen_mlp["m"][:n])
         ids_e, attn_e, valid_e, valid_i = ids[:n], attn[:n], valid[:n], valid[n:]
 
         rix, pos, lab = [], [], []
@@ -667,7 +682,7 @@ class Wise(Method):
             change_e = F.linear(a_edit, delta)
             s_e = _masked_mean_norm(change_e, valid_e)
             s_i = _masked_mean_norm(F.linear(a_irr, delta), valid_i)
-            loss_nll = nll(h0 + change_e.to(h0.dtype))
+            loss_nll = nll(h0 + residual_change(change_e).to(h0.dtype))
             loss_act = (_hinge_mean(s_i - alpha) + _hinge_mean(beta - s_e)
                         + _hinge_mean(gamma - (s_e[:, None] - s_i[None, :])))
             loss = loss_nll + loss_act
