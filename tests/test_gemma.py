@@ -309,3 +309,60 @@ def test_memit_spread_moves_the_block_output_to_its_target_through_the_norm(gemm
     # own output, which no input change reaches (about 1/sqrt(d) of a random direction: 0.18
     # at d = 32); written as if added to the residual it overshoots
     assert (left < 0.25) if residual_targets else (left > 1.0)
+
+
+def test_pmet_share_reaches_the_residual_as_the_last_layers_gap_says(gemma):
+    """PMET's targets are the last edited layer's projection outputs. Through per-layer norms of
+    different gains, a lower layer's share of the gap is written as the residual change that
+    share makes at the last layer (J_l⁺ J_last R), not as the same projection change."""
+    import math
+
+    from kedit.methods.core.keys import output_at_fact_token
+    from kedit.methods.core.spread import spread_over_layers
+
+    loaded = gemma
+    requests = [EditRequest.from_case(EditCase(case_id=f"c{i}", template=t, subject=s, target_new=n))
+                for i, (t, s, n) in enumerate((("{} plays", "Messi", "basketball"),
+                                               ("The capital of {} is", "France", "Rome")))]
+    ad = loaded.adapter
+    saved = {l: ad.mlp_out_norm(l).weight.detach().clone() for l in (0, 1)}
+    try:
+        with torch.no_grad():                          # gains 1 + w: 4 at layer 0, 0.5 at layer 1
+            ad.mlp_out_norm(0).weight.fill_(3.0)
+            ad.mlp_out_norm(1).weight.fill_(-0.5)
+        proj1, norm0, norm1 = ad.mlp_out(1), ad.mlp_out_norm(0), ad.mlp_out_norm(1)
+        cur0 = output_at_fact_token(loaded, requests, proj1)
+        g = torch.Generator().manual_seed(2)
+        step = torch.randn(cur0.shape, generator=g)
+        z = cur0 + 0.02 * cur0.norm(dim=-1, keepdim=True) * step / step.norm(dim=-1, keepdim=True)
+
+        def exact(_layer, R, K):
+            return R.double() @ torch.linalg.pinv(K.double())
+
+        tensors, _ = spread_over_layers(loaded, requests, [0, 1], ["{}"], "subject_last", z,
+                                        current=lambda: output_at_fact_token(loaded, requests, proj1),
+                                        layer_update=exact, divisor=math.sqrt, residual_targets=False)
+        share = (z - cur0) / math.sqrt(2)
+        with torch.no_grad():
+            wanted = norm1(cur0 + share) - norm1(cur0)        # what the share does at the last layer
+        o0 = output_at_fact_token(loaded, requests, ad.mlp_out(0))
+        h0 = output_at_fact_token(loaded, requests, ad.block(0))
+        name = ad.mlp_out_param(0)
+        param = loaded.model.get_parameter(name)
+        before = param.detach().clone()
+        with torch.no_grad():
+            param.add_(tensors[name])
+        try:
+            moved = output_at_fact_token(loaded, requests, ad.block(0)) - h0
+        finally:
+            with torch.no_grad():
+                param.copy_(before)
+        with torch.no_grad():
+            naive = norm0(o0 + share) - norm0(o0)                # the share written as it is
+        err = float((moved - wanted).norm() / wanted.norm())
+        naive_err = float((naive - wanted).norm() / wanted.norm())
+        assert err < 0.3 and naive_err > 1.0, (err, naive_err)
+    finally:
+        with torch.no_grad():
+            for l, w in saved.items():
+                ad.mlp_out_norm(l).weight.copy_(w)

@@ -18,7 +18,13 @@ For layer l_i (ascending, i = 0 .. m−1):
           keys are) and J⁺ its pseudo-inverse.  An RMSNorm is blind to the direction
           of o itself (J o = 0), so J⁺ R has no component along o; without this mapping a
           change written for the residual stream arrives scaled by gain / rms(o) and
-          MEMIT-style edits miss their targets (docs/models.md, Gemma-3);
+          MEMIT-style edits miss their targets (docs/models.md, Gemma-3).  When the targets
+          are the last edited layer's projection outputs (PMET) and there is such a norm, R is
+          first taken to the residual stream through that layer's norm, ``J_last R``, then
+          mapped as above (``J_l⁺ J_last R``): each layer writes the residual change its share
+          of the gap stands for (the per-layer norms' gains over their inputs' rms differ by
+          a factor of six over Gemma-3's layers 2-6), and the last layer still writes R less
+          its component along the projection's own output, which the norm does not pass;
     ΔW  = ``layer_update(l_i, R, K)``       (MEMIT's least squares, AlphaEdit's null-space
           projection, EMMET's equality constraints ...),
 
@@ -64,6 +70,18 @@ def through_norm(norm: torch.nn.Module, outputs: torch.Tensor, R: torch.Tensor, 
     return torch.cat(out)
 
 
+def along_norm(norm: torch.nn.Module, outputs: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """``J dz``: how far a change ``dz`` (n, d) of a norm's input moves its output to first
+    order, with J the norm's Jacobian at the inputs ``outputs`` (n, t, d) averaged over the
+    prefixes (as in :func:`through_norm`).  Float32 on ``dz``'s device."""
+    f64 = copy.deepcopy(norm).to(device=dz.device, dtype=torch.float64).requires_grad_(False)
+    mean = outputs.to(dz.device, torch.float64).mean(1)
+    with torch.no_grad():
+        _, moved = torch.func.vmap(lambda v, t: torch.func.jvp(lambda x: f64(x[None])[0], (v,), (t,)))(
+            mean, dz.to(torch.float64))
+    return moved.float()
+
+
 def _solve_gram(jac: torch.Tensor, b: torch.Tensor, rtol: float, max_iter: int = 50) -> torch.Tensor:
     """``Jᵀ y`` with ``(J Jᵀ + μ I) y = b`` per row (see :func:`through_norm`)."""
     jac_t = jac.transpose(1, 2).contiguous()
@@ -94,6 +112,13 @@ def _solve_gram(jac: torch.Tensor, b: torch.Tensor, rtol: float, max_iter: int =
     return torch.bmm(jac_t, y[:, :, None])[:, :, 0]
 
 
+def _outputs(loaded, requests: Sequence[EditRequest], layer: int, templates: Sequence[str],
+             position: str) -> torch.Tensor:
+    """The MLP output projection's outputs at the fact token, (n, t, d), one per prefix."""
+    proj = loaded.adapter.mlp_out(layer)
+    return read_at_fact_token(loaded, requests, {"o": proj}, templates, position, inputs=False, stop_after=proj)["o"]
+
+
 def spread_over_layers(loaded, requests: Sequence[EditRequest], layers: Sequence[int], templates: Sequence[str],
                        position: str, z: torch.Tensor, current: Callable[[], torch.Tensor],
                        layer_update: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -102,7 +127,7 @@ def spread_over_layers(loaded, requests: Sequence[EditRequest], layers: Sequence
     """The updates of ``layers`` (parameter name -> tensor in the parameter's layout, model
     dtype) and per-layer norms; ``z`` (n, d) the targets, ``current()`` -> (n, d) (see the
     module docstring); ``residual_targets``: z lives in the residual stream (MEMIT), not at
-    a projection's output (PMET).  ``ctx`` (a RunContext) gets the ``key`` and ``update`` times."""
+    the last layer's projection output (PMET).  ``ctx`` (a RunContext) gets the ``key`` and ``update`` times."""
     adapter, model = loaded.adapter, loaded.model
     saved: dict[str, torch.Tensor] = {}           # parameter -> its value before (copied back at the end)
     tensors: dict[str, torch.Tensor] = {}
@@ -116,12 +141,12 @@ def spread_over_layers(loaded, requests: Sequence[EditRequest], layers: Sequence
             cur = current().to(dev)                                             # (n, d)
             t1 = time.perf_counter()
             R = (z.to(dev) - cur) / divisor(len(layers) - i)          # (n, d_out)
-            norm = adapter.mlp_out_norm(layer) if residual_targets else None
+            norm = adapter.mlp_out_norm(layer)
             if norm is not None:
-                proj = adapter.mlp_out(layer)
-                outputs = read_at_fact_token(loaded, requests, {"o": proj}, templates, position,
-                                             inputs=False, stop_after=proj)["o"]
-                R = through_norm(norm, outputs, R)
+                if not residual_targets:      # a gap at the last layer's projection output
+                    R = along_norm(adapter.mlp_out_norm(layers[-1]), _outputs(loaded, requests, layers[-1],
+                                                                               templates, position), R)
+                R = through_norm(norm, _outputs(loaded, requests, layer, templates, position), R)
             R = R.T                                                             # (d_out, n)
             dW = layer_update(layer, R, K)
             name = adapter.mlp_out_param(layer)

@@ -60,7 +60,7 @@ class PMET(MEMIT):
     Params = PmetParams
 
     spread_divisor = staticmethod(math.sqrt)
-    residual_targets = False           # its targets are projection outputs already
+    residual_targets = False           # its targets are the last layer's projection outputs (core/spread.py)
 
     def compared_module(self, layer: int) -> torch.nn.Module:
         """PMET compares with the MLP's output, not the block's."""
