@@ -143,10 +143,12 @@ def spread_over_layers(loaded, requests: Sequence[EditRequest], layers: Sequence
             R = (z.to(dev) - cur) / divisor(len(layers) - i)          # (n, d_out)
             norm = adapter.mlp_out_norm(layer)
             if norm is not None:
+                outputs = _outputs(loaded, requests, layer, templates, position)
                 if not residual_targets:      # a gap at the last layer's projection output
-                    R = along_norm(adapter.mlp_out_norm(layers[-1]), _outputs(loaded, requests, layers[-1],
-                                                                               templates, position), R)
-                R = through_norm(norm, _outputs(loaded, requests, layer, templates, position), R)
+                    last = outputs if layer == layers[-1] else _outputs(loaded, requests, layers[-1],
+                                                                        templates, position)
+                    R = along_norm(adapter.mlp_out_norm(layers[-1]), last, R)
+                R = through_norm(norm, outputs, R)
             R = R.T                                                             # (d_out, n)
             dW = layer_update(layer, R, K)
             name = adapter.mlp_out_param(layer)

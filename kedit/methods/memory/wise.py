@@ -89,7 +89,8 @@ residual stream ``h`` leaving block ``layer``; a step then feeds ``h + ΔW a`` t
 above (``hooks.replay_from``), stops after the last block, and applies the final norm and the
 head at the target positions only.  Where the MLP output reaches the residual stream through
 its own norm N (Gemma's post-feed-forward RMSNorm) the block adds ``N(m + ΔW a) − N(m)``
-instead, exactly what it adds when the side memory answers.  The irrelevant rows need no forward at all, only ``Δ(x_k)``.
+instead, exactly what it adds when the side memory answers.  The irrelevant rows need no
+forward at all, only ``Δ(x_k)``.
 
 Shards and merging (EasyEdit's WISE-Merge)
 ------------------------------------------
