@@ -53,6 +53,7 @@ def _escape(text: str) -> str:
 app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge editing of language models: edit, measure, compare.")
 
+BATCH_HELP = "cases per method call (default: all of them for a batch-native method, MEMIT and its relatives; else 1)"
 ModelOpt = typer.Option("smollm2-135m", "--model", "-m", help="model name (kedit models), HF directory, .gguf file or hub id")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
@@ -366,7 +367,7 @@ def edit(cases: Path = typer.Argument(..., help="edit cases (JSONL / JSON)"),
          set_: list[str] = typer.Option(None, "--set", help="override one hyperparameter: key=value"),
          out: Path = typer.Option(Path("runs"), "--out", help="where run directories go"),
          sequential: bool = typer.Option(False, "--sequential", help="let edits accumulate instead of restoring"),
-         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="cases per method call (batch methods)"),
+         batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP),
          seed: int = typer.Option(0, "--seed"),
          stats_dir: Optional[str] = typer.Option(None, "--stats-dir"),
          gen_tokens: int = typer.Option(24, "--gen-tokens", help="tokens per before/after generation (0: none)"),
@@ -440,7 +441,7 @@ def bench(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           model: str = ModelOpt,
           n: Optional[int] = typer.Option(None, "-n", help="number of cases"),
           offset: int = typer.Option(0, "--offset", help="first case"),
-          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="cases per method call"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP),
           sequential: bool = typer.Option(False, "--sequential", help="edits accumulate (lifelong setting)"),
           checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every",
                                                          help="sequential: evaluate all edits so far every K edits (the curve)"),
@@ -664,7 +665,7 @@ def sweep(benchmark: Optional[str] = typer.Argument(None, help="counterfact | zs
           model: str = ModelOpt,
           n: Optional[int] = typer.Option(None, "-n", help="number of cases"),
           offset: int = typer.Option(0, "--offset", help="first case"),
-          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="cases per method call"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP),
           data: Optional[str] = typer.Option(None, "--data", help="another file of the benchmark"),
           out: Path = typer.Option(Path("sweeps"), "--out", help="where sweep directories go"),
           resume: Optional[Path] = typer.Option(None, "--resume", help="continue an interrupted sweep"),
