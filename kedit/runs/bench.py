@@ -49,7 +49,7 @@ from kedit.util.atomic import atomic_path, refused_as
 from kedit.data.cases import EditCase, load_cases
 from kedit.util.paths import package_data
 from kedit.methods.edit import pack_sites, unpack_sites
-from kedit.runs.runner import Resume, SiteStates, metrics_summary, run_edits
+from kedit.runs.runner import Resume, SiteStates, metrics_summary, run_edits, turn_size
 from kedit.runs.rundir import append_record, read_results, unique_run_id, write_json, write_text
 from kedit.runs.shard import batch_ranges, consolidate, my_batches, shard_log, todo_batches
 from kedit.util.launch import Launch
@@ -264,8 +264,7 @@ def run_bench(method, cases: Sequence[EditCase], run_dir: Path, *, batch_size: i
     """
     run_dir = Path(run_dir)
     launch = launch or Launch()
-    native = getattr(method, "batch_native", False)
-    size = batch_size or (len(cases) if native else 1)
+    size = turn_size(method, batch_size, len(cases))
     if sequential:
         if launch.sharded:
             raise BenchError(f"--sequential: edits accumulate in one model and cannot be split over "

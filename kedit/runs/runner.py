@@ -64,6 +64,12 @@ class Resume:
     method_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def turn_size(method: Method, batch_size: int | None, n_cases: int) -> int:
+    """Cases per ``compute`` call: ``batch_size`` when given, else every case in one call for a
+    batch-native method (MEMIT and its relatives) and one case for the rest."""
+    return batch_size or (n_cases if getattr(method, "batch_native", False) else 1)
+
+
 def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = False, batch_size: int | None = None,
               eval_batch_size: int = 32, on_case: Callable[[dict], None] | None = None,
               progress: Callable[[int], None] | None = None, checkpoint_every: int | None = None,
@@ -121,7 +127,7 @@ def run_edits(method: Method, cases: Sequence[EditCase], *, sequential: bool = F
     model = loaded.model
     ctx: RunContext = method.ctx
     torch.manual_seed(ctx.seed)
-    size = batch_size or (len(cases) if getattr(method, "batch_native", False) else 1)
+    size = turn_size(method, batch_size, len(cases))
     if resume is not None and not sequential:
         raise ValueError("resume is for sequential runs (independent runs skip finished cases instead)")
     t0 = time.perf_counter()
