@@ -196,6 +196,46 @@ def test_context_edit_reverts_saves_and_never_touches_weights(tmp_path):
         edit.merged(loaded.model)
 
 
+LONG_CONTEXT = "New Fact: Paris is in Italy.\nNew Fact: The Danube flows through Spain.\n"
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "gpt2", "gpt_neox"])
+def test_the_shared_context_cache_gives_the_concatenated_numbers(family):
+    # a batch runs its one context once into a cache repeated over the rows; where a module
+    # wrapper is installed (it may route by what a call sees) the ids are written before every
+    # row instead.  The two agree, in scoring and in cached generation, also on Gemma's
+    # 4-position sliding window with a context longer than it
+    loaded = tiny_model(family)
+    edit = context_edit(loaded, LONG_CONTEXT)
+    assert edit.ids.numel() > 8
+    prompts = ["Paris is the capital of", "The river flows through the old town of", "Rome"]
+    edit.apply(loaded.model)
+    cached, cached_gen = logits(loaded, prompts), generate(loaded, prompts, 6)
+    noop = shift_edit(loaded, 0.0)
+    noop.apply(loaded.model)
+    concatenated, concatenated_gen = logits(loaded, prompts), generate(loaded, prompts, 6)
+    noop.revert(loaded.model)
+    edit.revert(loaded.model)
+    assert cached.shape == concatenated.shape
+    torch.testing.assert_close(cached, concatenated, rtol=0, atol=1e-5)
+    assert cached_gen == concatenated_gen
+    assert (logits(loaded, prompts) - cached).abs().max() > 1e-3   # the context does change the numbers
+
+
+def test_a_batch_runs_its_shared_context_once():
+    loaded = tiny_model("llama")
+    edit = context_edit(loaded, LONG_CONTEXT)
+    prompts = ["Paris is the capital of", "The river flows through the old town of", "Rome"]
+    seen = []
+    hook = loaded.model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+    edit.apply(loaded.model)
+    logits(loaded, prompts)
+    edit.revert(loaded.model)
+    hook.remove()
+    width = loaded.tokenizer(prompts, padding=True, return_tensors="pt")["input_ids"].shape[1]
+    assert seen == [edit.ids.numel(), len(prompts) * width]
+
+
 # ----------------------------------------------------------------------------- choices and export
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kedit.models.cache import cache_of, is_fresh
+from kedit.models.cache import cache_arg, cache_of, is_fresh, new_cache
 
 
 class EditError(ValueError):
@@ -484,11 +485,23 @@ class ModuleEdit(Edit):
 def _forward_with_context(model: torch.nn.Module, original, *args, **kwargs):
     """The model's forward with the context tokens before every input.
 
-    First call of a sequence (no cache yet): the context ids are prepended to
-    ``input_ids`` (attention mask: ones; position ids and cache positions: the context
-    takes 0..C-1 and the input follows), and the logits of the context positions are cut
-    off, so callers see exactly the positions they gave.  Later calls with a key/value
-    cache (``generate``) extend the mask by C ones and shift positions by C.
+    First call of a sequence (no cache yet): the input is run as if the context ids were
+    written before it (attention mask: ones over the context; positions: the context takes
+    0..C-1 and the input follows), and the outputs (logits, hidden states) cover the
+    positions the caller gave, never the context's.  Later calls with a key/value cache
+    (``generate``) extend the mask by C ones and shift positions by C.
+
+    How the first call runs: every row of a batch shares the one context, so the context
+    is run once, with batch 1, into a key/value cache (the caller's, when ``generate``
+    passed an empty one), which is repeated over the rows; the inputs then run on that
+    cache (:func:`_prefixed_call`).  A batch of B inputs of L tokens costs C + B·L
+    positions instead of B·(C + L), and no logits are computed over the context (with
+    Gemma's 262k vocabulary these were most of the cost, and with a context of a hundred
+    facts and 32 rows more memory than the machine has).  Where a module wrapper of
+    another edit is installed (it may route by what a call sees: WISE, GRACE), or the
+    forward takes no cache, the ids are concatenated instead (:func:`_concatenated_call`)
+    and only the input's logits are computed; both give the same numbers within float
+    rounding (``tests/test_edit_kinds.py``).
     """
     if args:
         kwargs["input_ids"], args = args[0], args[1:]
@@ -496,35 +509,82 @@ def _forward_with_context(model: torch.nn.Module, original, *args, **kwargs):
     ids = kwargs.get("input_ids")
     if kwargs.get("inputs_embeds") is not None:
         raise EditError("a context edit needs input_ids (inputs_embeds given)")
-    b = ids.shape[0]
     c = ctx.shape[0]
-    ctx_ids = ctx.to(ids.device).unsqueeze(0).expand(b, c)
-    fresh = is_fresh(cache_of(kwargs))
+    b = ids.shape[0]
     mask = kwargs.get("attention_mask")
     if mask is not None:
         kwargs["attention_mask"] = torch.cat([torch.ones(b, c, dtype=mask.dtype, device=mask.device), mask], 1)
+    if not is_fresh(cache_of(kwargs)):
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + c
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = kwargs["cache_position"] + c
+        return original(*args, **kwargs)
     pos = kwargs.get("position_ids")
-    cache_pos = kwargs.get("cache_position")
-    if fresh:
-        kwargs["input_ids"] = torch.cat([ctx_ids, ids], 1)
-        ar = torch.arange(c, device=ids.device)
-        if pos is None and mask is not None:
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)   # as kedit's scoring and generate derive them
-        if pos is not None:
-            kwargs["position_ids"] = torch.cat([ar.unsqueeze(0).expand(b, c).to(pos.dtype), pos + c], 1)
-        if cache_pos is not None:
-            kwargs["cache_position"] = torch.cat([ar.to(cache_pos.dtype), cache_pos + c])
-    else:
-        if pos is not None:
-            kwargs["position_ids"] = pos + c
-        if cache_pos is not None:
-            kwargs["cache_position"] = cache_pos + c
-    logits_to_keep = kwargs.get("logits_to_keep")
+    if pos is None and mask is not None:
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)   # as kedit's scoring and generate derive them
+    if pos is None:
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand(b, -1)
+    if _can_prefix(model, original):
+        return _prefixed_call(model, original, ctx.to(ids.device), pos, args, kwargs)
+    return _concatenated_call(original, ctx.to(ids.device), pos, args, kwargs)
+
+
+def _can_prefix(model: torch.nn.Module, original) -> bool:
+    params = inspect.signature(original).parameters
+    if not any(name in params for name in ("cache", "past_key_values")):
+        return False
+    return not any(isinstance(m, EditWrapper) for m in model.modules())
+
+
+def _prefixed_call(model, original, ctx: torch.Tensor, pos: torch.Tensor, args, kwargs):
+    """The context into a cache once (batch 1), repeated over the rows, then the inputs on it."""
+    name = cache_arg(original)
+    ids = kwargs["input_ids"]
+    b, c = ids.shape[0], ctx.shape[0]
+    given = cache_of(kwargs)
+    cache = given if given is not None else new_cache(model)
+    for other in ("cache", "past_key_values"):
+        kwargs.pop(other, None)
+    head = {"input_ids": ctx.unsqueeze(0), "attention_mask": torch.ones(1, c, dtype=torch.long, device=ctx.device),
+            "position_ids": torch.arange(c, device=ctx.device).unsqueeze(0), name: cache, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(original).parameters:
+        head["logits_to_keep"] = 1
+    original(**head)
+    if b > 1:
+        cache.batch_repeat_interleave(b)
+    if "attention_mask" not in kwargs or kwargs["attention_mask"] is None:
+        kwargs["attention_mask"] = torch.ones(b, c + ids.shape[1], dtype=torch.long, device=ids.device)
+    kwargs["position_ids"] = pos + c
+    if kwargs.get("cache_position") is not None:
+        kwargs["cache_position"] = kwargs["cache_position"] + c
+    wanted = kwargs.get("use_cache") is not False or given is not None
+    kwargs[name] = cache
+    kwargs["use_cache"] = True
     out = original(*args, **kwargs)
-    if fresh and not (isinstance(logits_to_keep, int) and logits_to_keep > 0):
+    if not wanted and hasattr(out, "past_key_values"):
+        out.past_key_values = None                # the caller asked for no cache: free it now
+    return out
+
+
+def _concatenated_call(original, ctx: torch.Tensor, pos: torch.Tensor, args, kwargs):
+    """The context ids written before every row; the context's logits are not computed."""
+    ids = kwargs["input_ids"]
+    b, c, n = ids.shape[0], ctx.shape[0], ids.shape[1]
+    kwargs["input_ids"] = torch.cat([ctx.unsqueeze(0).expand(b, c), ids], 1)
+    ar = torch.arange(c, device=ids.device)
+    kwargs["position_ids"] = torch.cat([ar.unsqueeze(0).expand(b, c).to(pos.dtype), pos + c], 1)
+    if kwargs.get("cache_position") is not None:
+        kwargs["cache_position"] = torch.cat([ar.to(kwargs["cache_position"].dtype), kwargs["cache_position"] + c])
+    keep = kwargs.get("logits_to_keep")
+    cut = not (isinstance(keep, int) and keep > 0)
+    if cut and "logits_to_keep" in inspect.signature(original).parameters:
+        kwargs["logits_to_keep"], cut = n, False  # the last n positions are the input's
+    out = original(*args, **kwargs)
+    if cut:
         out.logits = out.logits[:, c:]
-        if getattr(out, "hidden_states", None) is not None:
-            out.hidden_states = tuple(h[:, c:] for h in out.hidden_states)
+    if getattr(out, "hidden_states", None) is not None:
+        out.hidden_states = tuple(h[:, c:] for h in out.hidden_states)
     return out
 
 

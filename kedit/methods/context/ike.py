@@ -87,8 +87,10 @@ cannot know which fact an input asks about.
 Context length: the context is cut to ``max_context_tokens`` (default: the model's
 position limit P minus max(P/2, 512) -- half the window or 512 tokens left for the
 input) by dropping the farthest demonstrations first; if the facts alone do not fit,
-``compute`` raises.  The CPU cost of every evaluated or generated input grows with the
-context (about 800 tokens at k = 32 on CounterFact, 400 at k = 16).
+``compute`` raises.  The context is about 800 tokens at k = 32 on CounterFact, 400 at
+k = 16, plus about 12 a fact; a batch of inputs runs it once into a key/value cache shared
+by its rows (:class:`kedit.methods.edit.ContextEdit`), so a context adds C positions per
+forward call, not per input.
 
 Deviations from EasyEdit (``easyeditor/models/ike``) -- kedit follows the paper here:
 
