@@ -125,3 +125,53 @@ def test_shipped_config_and_names():
     p = load_params(PmetParams, configs_dir() / "methods/pmet/smollm2-135m.yaml")
     assert p.layers[-1] < 30 and p.mom2_update_weight > 0
     assert get_method("PMET") is PMET and PMET.batch_native
+
+
+def test_unedited_clamp_reference_fixes_the_bound_after_the_first_commit(tmp_path):
+    # sequential PMET with clamp_reference: unedited: the first call (nothing committed) clamps at
+    # each request's own v0 and records their mean norms; after a commit every call clamps at the
+    # recorded norms (recorded in each case's meta), and a resumed method restores them
+    loaded = tiny_model("llama")
+    cases = cases_for(loaded, 6)
+    method = pmet(loaded, tmp_path, clamp_norm_factor=0.05, clamp_reference="unedited")
+    first = method.compute([EditRequest.from_case(c) for c in cases[:3]])
+    assert "clamp_norm_ref" not in first.meta["cases"][0]
+    ref = method.unedited_norm.clone()
+    want = torch.tensor([[c["attn_v0_norm"], c["v0_norm"]] for c in first.meta["cases"]]).mean(0)
+    torch.testing.assert_close(ref, want)
+    first.apply(loaded.model)
+    method.commit(first)
+    second = method.compute([EditRequest.from_case(c) for c in cases[3:]])
+    for c in second.meta["cases"]:
+        assert c["clamp_norm_ref"] == pytest.approx(ref.tolist())
+        assert c["delta_norm"] <= 0.05 * ref[1] * (1 + 1e-4)
+        assert c["attn_delta_norm"] <= 0.05 * ref[0] * (1 + 1e-4)
+    assert max(c["delta_norm"] for c in second.meta["cases"]) > 0.05 * ref[1] * 0.99   # it binds
+    assert method.unedited_norm.equal(ref)                 # recorded once, before the first commit
+    resumed = pmet(loaded, tmp_path, clamp_norm_factor=0.05, clamp_reference="unedited")
+    resumed.load_state(method.state())
+    assert resumed.committed and resumed.unedited_norm.equal(ref)
+    # the paper's reference reads v0 on the model as it is, so no fixed bound
+    current = pmet(loaded, tmp_path, clamp_norm_factor=0.05)
+    current.commit(first)
+    assert current.state() == {} and "clamp_norm_ref" not in current.compute(
+        [EditRequest.from_case(cases[3])]).meta["cases"][0]
+    first.revert(loaded.model)
+
+
+def test_clamp_norm_ref_bounds_every_delta():
+    from kedit.methods.core.values import TargetOptions, optimise_targets
+
+    loaded = tiny_model("gpt2")
+    reqs = [EditRequest.from_case(c) for c in cases_for(loaded, 3)]
+    module = loaded.adapter.mlp_out(1)
+    opts = TargetOptions(steps=5, lr=0.5, clamp_norm_factor=2.0, kl_factor=0.0, early_stop_loss=0.0)
+    free = optimise_targets(loaded, reqs, ["{}"], module, "subject_last", opts)
+    ref = 0.1 * float(free.delta.norm(dim=-1).min()) / 2.0
+    fixed = optimise_targets(loaded, reqs, ["{}"], module, "subject_last",
+                             TargetOptions(**{**opts.__dict__, "clamp_norm_ref": (ref,)}))
+    norms = fixed.delta.norm(dim=-1)
+    assert torch.allclose(norms, torch.full_like(norms, 2.0 * ref), rtol=1e-4)
+    with pytest.raises(ValueError, match="one norm per module"):
+        optimise_targets(loaded, reqs, ["{}"], module, "subject_last",
+                         TargetOptions(**{**opts.__dict__, "clamp_norm_ref": (1.0, 2.0)}))

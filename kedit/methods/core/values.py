@@ -20,7 +20,8 @@ Loss of request i (ROME ``compute_v`` / MEMIT ``compute_z``, Meng et al. 2022/20
                                                                       m: the modules, one for ROME/MEMIT)
 
 with Adam on δ, δ_i clamped to ``clamp_norm_factor · ‖v0_i‖`` after each step (v0_i:
-the module's original output at the fact token of the bare prompt), and early stop
+the module's original output at the fact token of the bare prompt; ``clamp_norm_ref``
+replaces ‖v0_i‖ in the clamp by a fixed norm per module), and early stop
 once a loss is below ``early_stop_loss``: with ``early_stop_on="nll"`` the target NLL
 term (the "target loss is small" criterion: it saves most of the steps), with
 ``"total"`` the whole L_i, as the reference code (ROME, MEMIT, EasyEdit) compares it --
@@ -70,6 +71,7 @@ class TargetOptions:
     batch_tokens: int = 4096      # rows per forward chunk (padded tokens); gradients accumulate
     replay: bool = True           # run the blocks below the edited one once (see module docstring)
     prefix_cache: bool = True     # steps run the positions from the fact token on (see module docstring)
+    clamp_norm_ref: tuple[float, ...] | None = None  # per module: a fixed ‖v0‖ for the clamp (None: each request's own)
 
 
 @dataclass
@@ -284,6 +286,11 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
                     kl_init[start + int(rr[m])] = logp[m].detach()
     v0 = v0.to(device)
     v0_norm = v0.norm(dim=-1).clamp_min(1e-8)                        # (n, M)
+    clamp_ref = None
+    if opts.clamp_norm_ref is not None:
+        if len(opts.clamp_norm_ref) != len(modules):
+            raise ValueError(f"clamp_norm_ref: one norm per module ({len(modules)}), got {len(opts.clamp_norm_ref)}")
+        clamp_ref = torch.tensor(opts.clamp_norm_ref, dtype=v0_norm.dtype, device=device).expand_as(v0_norm)
 
     torch.manual_seed(seed)
     delta = torch.zeros(n, len(modules), v0.shape[-1], device=device, requires_grad=True)
@@ -339,7 +346,7 @@ def optimise_targets(loaded, requests: Sequence[EditRequest], templates: Sequenc
         opt.step()
         with torch.no_grad():
             delta[keep] = frozen[keep]
-            limit = opts.clamp_norm_factor * v0_norm
+            limit = opts.clamp_norm_factor * (v0_norm if clamp_ref is None else clamp_ref)
             scale = (limit / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
             delta.mul_(scale[..., None])
         for i in range(n):
