@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kedit.models.cache import cache_arg, cache_of, is_fresh, new_cache
+from kedit.models.cache import cache_arg, cache_of, drop_cache, is_fresh, new_cache, takes_cache
 
 
 class EditError(ValueError):
@@ -525,30 +525,27 @@ def _forward_with_context(model: torch.nn.Module, original, *args, **kwargs):
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)   # as kedit's scoring and generate derive them
     if pos is None:
         pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand(b, -1)
+    keeps_logits = "logits_to_keep" in inspect.signature(original).parameters
     if _can_prefix(model, original):
-        return _prefixed_call(model, original, ctx.to(ids.device), pos, args, kwargs)
-    return _concatenated_call(original, ctx.to(ids.device), pos, args, kwargs)
+        return _prefixed_call(model, original, ctx.to(ids.device), pos, keeps_logits, args, kwargs)
+    return _concatenated_call(original, ctx.to(ids.device), pos, keeps_logits, args, kwargs)
 
 
 def _can_prefix(model: torch.nn.Module, original) -> bool:
-    params = inspect.signature(original).parameters
-    if not any(name in params for name in ("cache", "past_key_values")):
-        return False
-    return not any(isinstance(m, EditWrapper) for m in model.modules())
+    return takes_cache(original) and not any(isinstance(m, EditWrapper) for m in model.modules())
 
 
-def _prefixed_call(model, original, ctx: torch.Tensor, pos: torch.Tensor, args, kwargs):
+def _prefixed_call(model, original, ctx: torch.Tensor, pos: torch.Tensor, keeps_logits: bool, args, kwargs):
     """The context into a cache once (batch 1), repeated over the rows, then the inputs on it."""
     name = cache_arg(original)
     ids = kwargs["input_ids"]
     b, c = ids.shape[0], ctx.shape[0]
     given = cache_of(kwargs)
     cache = given if given is not None else new_cache(model)
-    for other in ("cache", "past_key_values"):
-        kwargs.pop(other, None)
+    drop_cache(kwargs)
     head = {"input_ids": ctx.unsqueeze(0), "attention_mask": torch.ones(1, c, dtype=torch.long, device=ctx.device),
             "position_ids": torch.arange(c, device=ctx.device).unsqueeze(0), name: cache, "use_cache": True}
-    if "logits_to_keep" in inspect.signature(original).parameters:
+    if keeps_logits:
         head["logits_to_keep"] = 1
     original(**head)
     if b > 1:
@@ -567,7 +564,7 @@ def _prefixed_call(model, original, ctx: torch.Tensor, pos: torch.Tensor, args, 
     return out
 
 
-def _concatenated_call(original, ctx: torch.Tensor, pos: torch.Tensor, args, kwargs):
+def _concatenated_call(original, ctx: torch.Tensor, pos: torch.Tensor, keeps_logits: bool, args, kwargs):
     """The context ids written before every row; the context's logits are not computed."""
     ids = kwargs["input_ids"]
     b, c, n = ids.shape[0], ctx.shape[0], ids.shape[1]
@@ -578,7 +575,7 @@ def _concatenated_call(original, ctx: torch.Tensor, pos: torch.Tensor, args, kwa
         kwargs["cache_position"] = torch.cat([ar.to(kwargs["cache_position"].dtype), kwargs["cache_position"] + c])
     keep = kwargs.get("logits_to_keep")
     cut = not (isinstance(keep, int) and keep > 0)
-    if cut and "logits_to_keep" in inspect.signature(original).parameters:
+    if cut and keeps_logits:
         kwargs["logits_to_keep"], cut = n, False  # the last n positions are the input's
     out = original(*args, **kwargs)
     if cut:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-__all__ = ["cache_arg", "cache_of", "is_fresh", "new_cache"]
+__all__ = ["cache_arg", "cache_of", "drop_cache", "is_fresh", "new_cache", "takes_cache"]
 
 _NAMES = ("cache", "past_key_values")
 
@@ -19,6 +19,18 @@ _NAMES = ("cache", "past_key_values")
 def cache_arg(forward: Callable[..., Any]) -> str:
     """The name under which ``forward`` takes the cache (its signature decides)."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def takes_cache(forward: Callable[..., Any]) -> bool:
+    """Whether ``forward`` takes a cache at all, under either name."""
+    params = inspect.signature(forward).parameters
+    return any(name in params for name in _NAMES)
+
+
+def drop_cache(kwargs: dict[str, Any]) -> None:
+    """Remove the cache from ``kwargs``, under either name."""
+    for name in _NAMES:
+        kwargs.pop(name, None)
 
 
 def cache_of(kwargs: dict[str, Any]) -> Any:
